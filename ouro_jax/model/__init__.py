@@ -1,0 +1,1 @@
+"""Ouro model: config, layers, the looped forward, exit distribution."""

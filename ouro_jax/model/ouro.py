@@ -1,0 +1,167 @@
+"""The looped Ouro model: embed -> T x [N shared layers -> model.norm] -> exit gate + LM head per step.
+
+The N distinct decoder layers are stored stacked (leading `layers` axis) and applied with an inner
+`jax.lax.scan`; the T recurrent steps are an outer `jax.lax.scan` that closes over the same parameters,
+so neither compile time nor parameter count grows with N or T. After every step `model.norm` is applied
+and the normed state is (a) carried into the next step, (b) read by the exit gate, (c) read by the LM
+head (ouro_spec.md §2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from ouro_jax.model import exits
+from ouro_jax.model.config import OuroConfig
+from ouro_jax.model.layers import (
+    DecoderLayer,
+    RMSNorm,
+    attention_mask,
+    param_init,
+    remat_policy,
+    rope_cos_sin,
+)
+
+
+@struct.dataclass
+class OuroOutput:
+    """Evaluation-path output (all T steps materialised).
+
+    logits [T, B, S, V] float32; gate_logits [T, B, S] float32; exit_pdf [T, B, S] float32;
+    hidden_states [T, B, S, D] (the normed state after each step, compute dtype).
+    """
+
+    logits: jax.Array
+    gate_logits: jax.Array
+    exit_pdf: jax.Array
+    hidden_states: jax.Array
+
+
+class Ouro(nnx.Module):
+    """Ouro / LoopLM causal language model.
+
+    Parameters mirror the released state dict (`embed_tokens`, `layers.*`, `norm`, `early_exit_gate`,
+    `lm_head`); `layers` holds the N decoder layers stacked on a leading axis.
+    """
+
+    def __init__(self, config: OuroConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, v = config.hidden_size, config.vocab_size
+        dtypes = dict(dtype=config.compute_dtype, param_dtype=config.params_dtype)
+        self.embed_tokens = nnx.Embed(v, d, embedding_init=param_init(config, ("vocab", "embed")),
+                                      rngs=rngs, **dtypes)
+
+        @nnx.split_rngs(splits=config.num_hidden_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_layers(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(config, rngs=rngs)
+
+        self.layers = stacked_layers(rngs)
+        self.norm = RMSNorm(config)
+        self.early_exit_gate = nnx.Linear(
+            d, 1, kernel_init=param_init(config, ("embed", None)),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros, (None,), eager_sharding=False),
+            rngs=rngs, **dtypes)
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Linear(
+                d, v, use_bias=False, kernel_init=param_init(config, ("embed", "vocab")),
+                preferred_element_type=jnp.float32, rngs=rngs, **dtypes)
+
+    # --- per-step readouts ---------------------------------------------------------------------
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """LM head on a normed state. hidden [B, S, D] -> logits [B, S, V] float32."""
+        if self.config.tie_word_embeddings:
+            table = self.embed_tokens.embedding[...].astype(hidden.dtype)
+            return jnp.einsum("bsd,vd->bsv", hidden, table, preferred_element_type=jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def gate_logit(self, hidden: jax.Array) -> jax.Array:
+        """Exit gate on a normed state. hidden [B, S, D] -> [B, S] float32 (pre-sigmoid)."""
+        return self.early_exit_gate(hidden)[..., 0].astype(jnp.float32)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """input_ids [B, S] int -> [B, S, D] in the compute dtype (no sqrt(D) scaling)."""
+        return self.embed_tokens(input_ids).astype(self.config.compute_dtype)
+
+    def apply_layers(self, hidden, cos, sin, mask) -> jax.Array:
+        """One pass through the N stacked layers (inner scan, optional remat per layer)."""
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer_step(h, layer_params):
+            return nnx.merge(graphdef, layer_params)(h, cos, sin, mask), None
+
+        policy = remat_policy(self.config.remat_policy)
+        if policy is not None:
+            layer_step = jax.checkpoint(layer_step, policy=policy, prevent_cse=False)
+        hidden, _ = jax.lax.scan(layer_step, hidden, stacked)
+        return hidden
+
+    def loop(
+        self,
+        input_ids: jax.Array,
+        readout: Callable[[jax.Array], Any],
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        num_steps: int | None = None,
+        remat_readout: bool = False,
+        detach_gate_input: bool = False,
+    ) -> tuple[Any, jax.Array]:
+        """Run T recurrent steps and read each step's normed state.
+
+        Args:
+          input_ids: [B, S] token ids.
+          readout: `f(hidden [B, S, D]) -> pytree`, applied to every step's normed state inside the
+            step loop (so e.g. a loss never holds T steps of logits at once).
+          positions: [B, S] RoPE positions; default 0..S-1 per row (restart them per packed document).
+          segment_ids: [B, S] document ids of packed rows; tokens attend only within their segment.
+          num_steps: T, defaults to `config.total_ut_steps`.
+          remat_readout: recompute `readout` in the backward pass instead of storing its residuals
+            (stores only the [B, S, D] state per step).
+          detach_gate_input: stop gradients from the gate into the LM (Stage II).
+
+        Returns:
+          (readout outputs stacked on a leading T axis, gate_logits [T, B, S] float32).
+        """
+        cfg = self.config
+        num_steps = cfg.total_ut_steps if num_steps is None else num_steps
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.compute_dtype)
+        mask = attention_mask(segment_ids)
+        if remat_readout:
+            readout = jax.checkpoint(readout, prevent_cse=False)
+
+        def step(hidden, _):
+            hidden = self.norm(self.apply_layers(hidden, cos, sin, mask))
+            gate_in = jax.lax.stop_gradient(hidden) if detach_gate_input else hidden
+            return hidden, (readout(hidden), self.gate_logit(gate_in))
+
+        _, (outputs, gate_logits) = jax.lax.scan(step, self.embed(input_ids), None, length=num_steps)
+        return outputs, gate_logits
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        num_steps: int | None = None,
+    ) -> OuroOutput:
+        """Evaluation forward: every step's logits [T, B, S, V] and the exit distribution [T, B, S]."""
+        (logits, hidden), gate_logits = self.loop(
+            input_ids, lambda h: (self.logits(h), h), positions=positions,
+            segment_ids=segment_ids, num_steps=num_steps)
+        return OuroOutput(logits=logits, gate_logits=gate_logits,
+                          exit_pdf=exits.exit_pdf(gate_logits), hidden_states=hidden)
+
+
+def num_params(model: nnx.Module) -> int:
+    """Number of scalar parameters."""
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,138 @@
+"""Training objectives of Ouro (ouro_spec.md §6) and the per-step metrics looped models need.
+
+A batch is a dict of [B, S] arrays: `input_ids`, `targets` (the next token at each position),
+optional `loss_mask` (1 where the target counts), `segment_ids` and `positions` (packed rows).
+
+Stage I   L = sum_t p(t|x) CE_t - beta H(p(.|x)), per token, masked token-mean (§6.1).
+Stage II  gate-only BCE of the continuation probability 1 - lambda_t against
+          w_t = sigmoid(k (max(0, CE_{t-1} - CE_t) - gamma)), per-step losses detached, summed over
+          t = 2..T and divided by T as printed (§6.2); the LM receives no gradient.
+
+Both compute each step's cross-entropy inside the step loop with the LM head recomputed in the
+backward pass, so at most one step of [B, S, V] float32 logits is alive at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ouro_jax.model import exits
+from ouro_jax.model.ouro import Ouro
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def _token_ce_and_correct(model: Ouro, targets: jax.Array):
+    """A `readout` for `Ouro.loop`: hidden [B, S, D] -> (CE [B, S] float32, argmax == target [B, S])."""
+
+    def readout(hidden):
+        logits = model.logits(hidden)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return ce, jnp.argmax(logits, axis=-1) == targets
+
+    return readout
+
+
+def per_step_losses(model: Ouro, batch: Batch, *, num_steps: int | None = None,
+                    detach_gate_input: bool = False):
+    """Per-token CE of every step without holding T steps of logits.
+
+    Returns (ce [T, B, S] float32, correct [T, B, S] bool, gate_logits [T, B, S] float32).
+    """
+    (ce, correct), gate_logits = model.loop(
+        batch["input_ids"], _token_ce_and_correct(model, batch["targets"]),
+        positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+        num_steps=num_steps, remat_readout=True, detach_gate_input=detach_gate_input)
+    return ce, correct, gate_logits
+
+
+def _mask(batch: Batch) -> jax.Array:
+    mask = batch.get("loss_mask")
+    return jnp.ones(batch["targets"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+
+
+def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of x [..., B, S] over the masked tokens of the last two axes."""
+    return jnp.sum(x * mask, axis=(-2, -1)) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def step_metrics(ce, correct, gate_logits, mask) -> Metrics:
+    """Per-step diagnostics, all float32.
+
+    ce_per_step [T] (masked mean CE of each step's LM head), accuracy_per_step [T],
+    exit_pdf_per_step [T] (mean exit probability of each step), entropy (mean H(p)),
+    mean_exit_step (mean of sum_t t p(t), 1-based), num_tokens.
+    """
+    pdf = exits.exit_pdf(gate_logits)
+    return {
+        "ce_per_step": _masked_mean(ce, mask),
+        "accuracy_per_step": _masked_mean(correct.astype(jnp.float32), mask),
+        "exit_pdf_per_step": _masked_mean(pdf, mask),
+        "entropy": _masked_mean(exits.exit_entropy(gate_logits), mask),
+        "mean_exit_step": _masked_mean(exits.expected_exit_step(pdf), mask),
+        "num_tokens": jnp.sum(mask),
+    }
+
+
+def stage1_token_loss(ce: jax.Array, gate_logits: jax.Array, beta: float) -> jax.Array:
+    """sum_t p(t) CE_t - beta H(p) per token. ce, gate_logits [T, B, S] -> [B, S] float32."""
+    pdf = exits.exit_pdf(gate_logits)
+    return jnp.sum(pdf * ce, axis=0) - beta * exits.exit_entropy(gate_logits)
+
+
+def stage1_loss(model: Ouro, batch: Batch, *, beta: float = 0.1,
+                num_steps: int | None = None) -> tuple[jax.Array, Metrics]:
+    """Stage I: exit-pdf-weighted per-step CE minus beta * entropy, masked token mean."""
+    ce, correct, gate_logits = per_step_losses(model, batch, num_steps=num_steps)
+    mask = _mask(batch)
+    loss = _masked_mean(stage1_token_loss(ce, gate_logits, beta), mask)
+    return loss, {"loss": loss, **step_metrics(ce, correct, gate_logits, mask)}
+
+
+def stage2_token_loss(ce: jax.Array, gate_logits: jax.Array, *, k: float = 50.0,
+                      gamma: float = 0.005, pairing: str = "printed") -> jax.Array:
+    """Gate BCE per step and token. ce, gate_logits [T, B, S] -> [T-1, B, S] float32.
+
+    Improvement I_t = max(0, CE_{t-1} - CE_t) (CE detached), continuation target
+    w_t = sigmoid(k (I_t - gamma)), predicted continuation 1 - lambda. `pairing="printed"` supervises
+    the gate of step t (t = 2..T) with I_t, as the paper prints it; `pairing="next"` supervises the
+    gate of step t (t = 1..T-1) with I_{t+1}, the improvement that continuing would bring.
+    """
+    ce = jax.lax.stop_gradient(ce.astype(jnp.float32))
+    improvement = jnp.maximum(0.0, ce[:-1] - ce[1:])  # I_2..I_T
+    w = jax.nn.sigmoid(k * (improvement - gamma))
+    if pairing == "printed":
+        g = gate_logits[1:]
+    elif pairing == "next":
+        g = gate_logits[:-1]
+    else:
+        raise ValueError(f"pairing={pairing!r} must be 'printed' or 'next'")
+    # log(1 - lambda) = log_sigmoid(-g), log(lambda) = log_sigmoid(g)
+    return -(w * jax.nn.log_sigmoid(-g) + (1.0 - w) * jax.nn.log_sigmoid(g))
+
+
+def stage2_loss(model: Ouro, batch: Batch, *, k: float = 50.0, gamma: float = 0.005,
+                pairing: str = "printed", num_steps: int | None = None) -> tuple[jax.Array, Metrics]:
+    """Stage II: (1/T) sum_{t=2..T} masked-mean BCE of the gate; gradients reach only the gate."""
+    ce, correct, gate_logits = per_step_losses(model, batch, num_steps=num_steps,
+                                               detach_gate_input=True)
+    mask = _mask(batch)
+    bce = stage2_token_loss(ce, gate_logits, k=k, gamma=gamma, pairing=pairing)
+    loss = jnp.sum(_masked_mean(bce, mask)) / ce.shape[0]
+    return loss, {"loss": loss, **step_metrics(ce, correct, gate_logits, mask)}
+
+
+def loss_fn(model: Ouro, batch: Batch, objective: dict[str, Any]) -> tuple[jax.Array, Metrics]:
+    """Dispatch on `objective["stage"]` (1 or 2) with the remaining keys as keyword arguments."""
+    kwargs = dict(objective)
+    stage = kwargs.pop("stage", 1)
+    if stage == 1:
+        return stage1_loss(model, batch, **kwargs)
+    if stage == 2:
+        return stage2_loss(model, batch, **kwargs)
+    raise ValueError(f"objective stage={stage!r} must be 1 or 2")

@@ -1,0 +1,59 @@
+"""Helpers shared by the tests: NNX state -> HF-named NumPy dict, and an unrolled Python forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def hf_state_dict(model) -> dict[str, np.ndarray]:
+    """The model's parameters under the released HF names and [out, in] layouts (float64)."""
+    cfg = model.config
+    f64 = lambda x: np.asarray(x[...], np.float64)
+    sd = {
+        "model.embed_tokens.weight": f64(model.embed_tokens.embedding),
+        "model.norm.weight": f64(model.norm.weight),
+        "model.early_exit_gate.weight": f64(model.early_exit_gate.kernel).T,
+        "model.early_exit_gate.bias": f64(model.early_exit_gate.bias),
+    }
+    if not cfg.tie_word_embeddings:
+        sd["lm_head.weight"] = f64(model.lm_head.kernel).T
+    layers = model.layers
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        attn = layers.self_attn
+        for name in ("q_proj", "k_proj", "v_proj"):
+            kernel = f64(getattr(attn, name).kernel)[i]  # [D, heads, H]
+            sd[p + f"self_attn.{name}.weight"] = kernel.reshape(kernel.shape[0], -1).T
+        o = f64(attn.o_proj.kernel)[i]  # [N, H, D]
+        sd[p + "self_attn.o_proj.weight"] = o.reshape(-1, o.shape[-1]).T
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            sd[p + f"mlp.{name}.weight"] = f64(getattr(layers.mlp, name).kernel)[i].T
+        for name in ("input_layernorm", "input_layernorm_2", "post_attention_layernorm",
+                     "post_attention_layernorm_2"):
+            sd[p + f"{name}.weight"] = f64(getattr(layers, name).weight)[i]
+    return sd
+
+
+def unrolled_forward(model, input_ids, num_steps):
+    """Python loops over steps and layers (no scan), reusing the model's own layer modules.
+
+    Returns (logits [T, B, S, V], gate_logits [T, B, S]).
+    """
+    from ouro_jax.model.layers import rope_cos_sin
+
+    cfg = model.config
+    graphdef, stacked = nnx.split(model.layers)
+    layers = [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], stacked))
+              for i in range(cfg.num_hidden_layers)]
+    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.compute_dtype)
+    h = model.embed(input_ids)
+    logits, gates = [], []
+    for _ in range(num_steps):
+        for layer in layers:
+            h = layer(h, cos, sin, None)
+        h = model.norm(h)
+        logits.append(model.logits(h))
+        gates.append(model.gate_logit(h))
+    return jnp.stack(logits), jnp.stack(gates)
