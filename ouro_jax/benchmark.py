@@ -4,6 +4,8 @@ compile   compile time of the Stage I gradient for (N=24, T=4) vs (N=2, T=1) at 
 memory    compiled peak temporary memory of the Stage I gradient vs T, in-loop CE vs materialised logits.
 fwd_bwd   forward + backward tokens/s at the CPU benchmark shape (DESIGN.md), ouro_jax (jit) next to
           the same weights and loss in PyTorch eager (needs the [torch] extra), in one run.
+train     training tokens/s (Stage I loss, gradients, clipping, AdamW update) at the same shape,
+          ouro_jax's jitted train step next to the same model, loss and optimiser in PyTorch eager.
 
 Ratios are measured side by side in one process; report absolute figures only from an accelerator.
 """
@@ -26,11 +28,12 @@ from ouro_jax.model import config as configs
 from ouro_jax.model.ouro import Ouro
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("bench", ["compile", "memory", "fwd_bwd"], "Benchmarks to run.")
+flags.DEFINE_list("bench", ["compile", "memory", "fwd_bwd", "train"], "Benchmarks to run.")
 flags.DEFINE_integer("repeats", 5, "Timed repetitions (median reported).")
 flags.DEFINE_integer("batch", 8, "Batch size for fwd_bwd.")
 flags.DEFINE_integer("seq", 256, "Sequence length for fwd_bwd.")
-flags.DEFINE_string("remat_policy", "none", "OuroConfig.remat_policy for fwd_bwd.")
+flags.DEFINE_string("remat_policy", "none", "OuroConfig.remat_policy for fwd_bwd and train.")
+flags.DEFINE_bool("scan_layers", True, "OuroConfig.scan_layers for fwd_bwd and train.")
 flags.DEFINE_float("beta", 0.1, "Stage I entropy coefficient.")
 
 
@@ -122,7 +125,7 @@ def _torch_stage1_loss(model, input_ids, targets, beta: float):
 
 def bench_fwd_bwd(repeats: int, batch: int, seq: int) -> list[str]:
     """Stage I forward + backward tokens/s: ouro_jax (jit) vs PyTorch eager, same weights."""
-    config = configs.cpu_benchmark(remat_policy=FLAGS.remat_policy)
+    config = configs.cpu_benchmark(remat_policy=FLAGS.remat_policy, scan_layers=FLAGS.scan_layers)
     model = Ouro(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (batch, seq + 1))
@@ -148,12 +151,68 @@ def bench_fwd_bwd(repeats: int, batch: int, seq: int) -> list[str]:
         loss.backward()
         return loss
 
-    torch_loss = float(torch_step())
+    torch_loss = float(torch_step().detach())
     torch_s = median_seconds(torch_step, repeats)
     rows.append(f"| PyTorch {torch.__version__} eager ({torch.get_num_threads()} threads) | "
                 f"{torch_s:.3f} | {tokens / torch_s:,.0f} | {torch_loss:.5f} |")
     rows.append(f"\nouro_jax / PyTorch tokens/s: {torch_s / jax_s:.2f}x")
     return rows
+
+
+def bench_train(repeats: int, batch: int, seq: int) -> list[str]:
+    """One optimiser step (Stage I, clip 1.0, AdamW 0.9/0.95, wd 0.1): ouro_jax vs PyTorch eager."""
+    from ouro_jax.train import optimizer as optim
+    from ouro_jax.train.step import TrainState, make_train_step
+
+    config = configs.cpu_benchmark(remat_policy=FLAGS.remat_policy, scan_layers=FLAGS.scan_layers)
+    model = Ouro(config, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    opt = dict(learning_rate=3e-4, warmup_steps=0, decay_steps=0, min_lr_ratio=1.0, schedule="constant",
+               b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0)
+    tx = optim.make_optimizer(opt, 1000, params, stage=1)
+    step = jax.jit(make_train_step(graphdef, tx, optim.learning_rate_schedule(opt, 1000),
+                                   {"stage": 1, "beta": FLAGS.beta}, optim.trainable_mask(params, 1)),
+                   donate_argnums=0)
+    train_state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                             rng=jax.random.PRNGKey(0))
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (batch, seq + 1))
+    jbatch = {"input_ids": jnp.asarray(ids[:, :-1]), "targets": jnp.asarray(ids[:, 1:])}
+
+    import torch
+
+    from ouro_jax.convert.hf import to_torch
+
+    tmodel = to_torch(model).train()
+    decay = [p for n, p in tmodel.named_parameters() if "norm" not in n and not n.endswith("gate.bias")]
+    no_decay = [p for n, p in tmodel.named_parameters() if "norm" in n or n.endswith("gate.bias")]
+    topt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=3e-4, betas=(0.9, 0.95),
+                             eps=1e-8)
+    tids, ttargets = torch.as_tensor(ids[:, :-1]), torch.as_tensor(ids[:, 1:])
+
+    def torch_step():
+        topt.zero_grad(set_to_none=True)
+        loss = _torch_stage1_loss(tmodel, tids, ttargets, FLAGS.beta)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tmodel.parameters(), 1.0)
+        topt.step()
+        return loss.detach()
+
+    def jax_step():
+        nonlocal train_state
+        train_state, metrics = step(train_state, jbatch)
+        return jax.block_until_ready(metrics["loss"])
+
+    jax_loss, torch_loss = float(jax_step()), float(torch_step())
+    jax_s = median_seconds(jax_step, repeats)
+    torch_s = median_seconds(torch_step, repeats)
+    tokens = batch * seq
+    return ["| implementation | step s | tokens/s | first-step loss |", "|---|---|---|---|",
+            f"| ouro_jax train step (jit, XLA:CPU) | {jax_s:.3f} | {tokens / jax_s:,.0f} | {jax_loss:.5f} |",
+            f"| PyTorch {torch.__version__} eager + AdamW ({torch.get_num_threads()} threads) | "
+            f"{torch_s:.3f} | {tokens / torch_s:,.0f} | {torch_loss:.5f} |",
+            f"\nouro_jax / PyTorch training tokens/s: {torch_s / jax_s:.2f}x (goal >= 1.2x)"]
 
 
 def main(argv):
@@ -167,8 +226,10 @@ def main(argv):
             rows = bench_memory()
         elif name == "fwd_bwd":
             rows = bench_fwd_bwd(FLAGS.repeats, FLAGS.batch, FLAGS.seq)
+        elif name == "train":
+            rows = bench_train(FLAGS.repeats, FLAGS.batch, FLAGS.seq)
         else:
-            raise app.UsageError(f"unknown --bench={name}; choose from compile, memory, fwd_bwd")
+            raise app.UsageError(f"unknown --bench={name}; choose from compile, memory, fwd_bwd, train")
         print("\n".join(rows), flush=True)
 
 

@@ -19,7 +19,7 @@ ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 
 # config.json keys ouro_jax writes and reads; the rest of config.json (architectures, auto_map, …) is
 # written by the exporter and ignored on import.
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +55,9 @@ class OuroConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters (master weights)
     remat_policy: str = "none"  # activation checkpointing per decoder layer, one of REMAT_POLICIES
     attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation; "auto" lets JAX pick
+    # True: the N layers run as a `lax.scan` (compile time independent of N); False: unrolled,
+    # which compiles in time ~N but runs faster where scan bookkeeping dominates (small models, CPU).
+    scan_layers: bool = True
 
     def __post_init__(self):
         problems = list(_problems(self))

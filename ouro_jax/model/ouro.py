@@ -90,7 +90,7 @@ class Ouro(nnx.Module):
         return self.embed_tokens(input_ids).astype(self.config.compute_dtype)
 
     def apply_layers(self, hidden, cos, sin, mask) -> jax.Array:
-        """One pass through the N stacked layers (inner scan, optional remat per layer)."""
+        """One pass through the N stacked layers (a scan, or unrolled; optional remat per layer)."""
         graphdef, stacked = nnx.split(self.layers)
 
         def layer_step(h, layer_params):
@@ -99,7 +99,10 @@ class Ouro(nnx.Module):
         policy = remat_policy(self.config.remat_policy)
         if policy is not None:
             layer_step = jax.checkpoint(layer_step, policy=policy, prevent_cse=False)
-        hidden, _ = jax.lax.scan(layer_step, hidden, stacked)
+        if self.config.scan_layers:
+            return jax.lax.scan(layer_step, hidden, stacked)[0]
+        for i in range(self.config.num_hidden_layers):
+            hidden, _ = layer_step(hidden, jax.tree.map(lambda x, i=i: x[i], stacked))
         return hidden
 
     def loop(

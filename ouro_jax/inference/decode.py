@@ -1,0 +1,452 @@
+"""Batched generation for Ouro: a jitted prefill and a jitted decode loop with per-token adaptive depth.
+
+Shapes: B batch, P prompt length, M = max_new_tokens, T loop steps that may run, N layers, D hidden,
+Nq query heads, K kv heads, H head_dim, V vocab.
+
+Prompts are LEFT-padded: row b's prompt fills the last `prompt_lengths[b]` columns of `input_ids`
+(`left_pad` builds such a batch). Each row's RoPE positions start at 0 at its first real token and its
+queries never see padding, so a row gives the same tokens in any batch as alone (what HF `generate`
+does with a left-padded `attention_mask`). Every row then writes its new tokens to the same cache
+slot at each decode step.
+
+Engine (functional: the model is `nnx.split` once, the jitted functions take its params):
+  prefill  all prompt tokens through all T steps (the prompt keeps every (step, layer) K/V, see
+           `cache.py`); the first new token comes from the last position at its exit step.
+  decode   `lax.while_loop` over tokens, stopping when all rows are done or M tokens exist. Each token
+           runs a bounded `lax.while_loop` over loop steps that stops as soon as every unfinished row
+           has exited (`policies.py`), so steps no row needs are never executed. A row that exits
+           earlier than others keeps its state: its hidden state (hence logits) stays frozen at its
+           exit step and its K/V for the skipped steps are copies of the exit step's (`cache.py`).
+           Exited rows still ride along in the batched computation of the steps others run (static
+           shapes); their results are discarded.
+Exit steps are 0-based everywhere (`exit_steps[b, i] = t` means token i came from loop step t, i.e.
+t+1 loops); `GenerateStats.mean_depth` counts loops (1-based).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+from jax.experimental import io_callback
+
+from ouro_jax.inference.cache import SHARING, KVCache, fill_skipped, take_step
+from ouro_jax.inference.policies import ExitPolicy
+from ouro_jax.inference.sampling import row_keys, sample
+from ouro_jax.model.layers import apply_rope, rope_cos_sin
+
+EXIT_POLICIES = ("gate", "hidden_delta")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """Static settings of one compiled generation (part of the compilation key).
+
+    on_token: called (through `io_callback`) as on_token(index, tokens [B], exit_steps [B], done [B])
+    for every generated token, numpy arguments; `done` is True for rows that had already stopped.
+    """
+
+    policy: ExitPolicy
+    kv_sharing: str
+    max_new_tokens: int
+    greedy: bool
+    top_k: int | None
+    top_p: bool
+    stop_tokens: tuple[int, ...]
+    pad_id: int
+    step_logits: bool
+    on_token: Callable | None
+
+
+@struct.dataclass
+class Knobs:
+    """Traced scalars (changing them never recompiles): exit threshold (q or eps), temperature, top_p."""
+
+    threshold: jax.Array
+    temperature: jax.Array
+    top_p: jax.Array
+
+
+@struct.dataclass
+class DecodeState:
+    """The decode loop's carry.
+
+    index: the next token index to produce (1..M); tokens, exit_steps [B, M] int32 (pad / -1 after a
+    row stopped); done [B] bool; lengths [B] prompt lengths; keys [B] row PRNG keys; loop_steps: loop
+    steps executed by the decode loop; step_logits [M, T, B, V] float32 or None.
+    """
+
+    index: jax.Array
+    tokens: jax.Array
+    exit_steps: jax.Array
+    done: jax.Array
+    lengths: jax.Array
+    keys: jax.Array
+    cache: KVCache
+    loop_steps: jax.Array
+    step_logits: jax.Array | None
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateStats:
+    """Run statistics.
+
+    mean_depth: mean loops used per generated (non-pad) token, 1-based (exit step + 1).
+    loop_steps / loop_steps_full: loop steps the decode loop executed (one step = N layers for the
+      whole batch) and what full depth would have executed for the same tokens.
+    prefill_s, decode_s: wall time of the compiled prefill and decode loop; compile_s: compilation in
+      this call (0 when cached).
+    tokens_per_s: generated (non-pad) tokens / (prefill_s + decode_s);
+    decode_tokens_per_s: tokens produced by the decode loop (all but the first per row) / decode_s.
+    cache_bytes: {"prompt", "decoded", "total"} bytes of the KV cache.
+    """
+
+    mean_depth: float
+    loop_steps: int
+    loop_steps_full: int
+    prefill_s: float
+    decode_s: float
+    compile_s: float
+    tokens_per_s: float
+    decode_tokens_per_s: float
+    cache_bytes: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+    """tokens [B, M] int32 (pad_id after a row's stop token); exit_steps [B, M] int32, the 0-based loop
+    step each token came from (-1 after the row stopped); lengths [B] generated tokens per row
+    (including its stop token); step_logits [B, M, T, V] float32 every step's logits of each token
+    (skipped steps repeat the exit step's), only with `output_step_logits=True`."""
+
+    tokens: np.ndarray
+    exit_steps: np.ndarray
+    lengths: np.ndarray
+    stats: GenerateStats
+    step_logits: np.ndarray | None = None
+
+
+# --- the model pieces, applied with a cache ------------------------------------------------------
+def _map_layers(model, fn, x, per_layer):
+    """fn(layer, x, per_layer[i]) -> (x, out) over the N stacked layers -> (x, outs stacked [N, ...]);
+    a `lax.scan` or unrolled, as `config.scan_layers` says."""
+    graphdef, stacked = nnx.split(model.layers)
+
+    def body(x, xs):
+        params, sliced = xs
+        return fn(nnx.merge(graphdef, params), x, sliced)
+
+    if model.config.scan_layers:
+        return jax.lax.scan(body, x, (stacked, per_layer))
+    outs = []
+    for i in range(model.config.num_hidden_layers):
+        x, out = body(x, jax.tree.map(lambda a, i=i: a[i], (stacked, per_layer)))
+        outs.append(out)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+
+def _layer(layer, x, cos, sin, attend):
+    """One decoder layer (the released order, `layers.DecoderLayer`) with pluggable attention.
+
+    x [B, S, D]; cos, sin [B, S, 1, H]; attend(q [B,S,Nq,H], k, v [B,S,K,H]) -> [B, S, Nq, H].
+    Returns (x [B, S, D], (k, v) [B, S, K, H] of this layer, after RoPE).
+    """
+    b, s, d = x.shape
+    attn = layer.self_attn
+    tokens = layer.input_layernorm(x).reshape(b * s, d)
+    project = lambda proj: proj(tokens).reshape(b, s, *proj.kernel.shape[1:])
+    q = apply_rope(project(attn.q_proj), cos, sin)
+    k = apply_rope(project(attn.k_proj), cos, sin)
+    v = project(attn.v_proj)
+    context = attend(q, k, v)
+    x = x + layer.input_layernorm_2(attn.o_proj(context.reshape(b * s, *context.shape[2:])).reshape(b, s, d))
+    return x + layer.post_attention_layernorm_2(layer.mlp(layer.post_attention_layernorm(x))), (k, v)
+
+
+def _cached_attention(q, k, v, cached, prompt_valid, decoded_valid, scale):
+    """Attention of one new token over prompt, earlier decoded tokens and itself.
+
+    q [B, 1, Nq, H]; k, v [B, 1, K, H] (its own, this step); cached = (prompt_k, prompt_v [B, P, K, H],
+    decoded_k, decoded_v [B, M, K, H]); prompt_valid [B, P], decoded_valid [M] bool. Scores and softmax
+    in float32 over the three parts jointly -> [B, 1, Nq, H].
+    """
+    prompt_k, prompt_v, decoded_k, decoded_v = cached
+    b, _, nq, h = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, kv_heads, nq // kv_heads, h)
+    f32 = dict(preferred_element_type=jnp.float32)
+    low = jnp.finfo(jnp.float32).min
+    s_prompt = jnp.einsum("bkgh,bpkh->bkgp", qg, prompt_k, **f32)
+    s_prompt = jnp.where(prompt_valid[:, None, None, :], s_prompt, low)
+    s_decoded = jnp.where(decoded_valid, jnp.einsum("bkgh,bmkh->bkgm", qg, decoded_k, **f32), low)
+    s_self = jnp.einsum("bkgh,bkh->bkg", qg, k[:, 0], **f32)[..., None]
+    probs = jax.nn.softmax(jnp.concatenate([s_prompt, s_decoded, s_self], -1) * scale, axis=-1)
+    p, m = prompt_k.shape[1], decoded_k.shape[1]
+    dtype = v.dtype
+    context = (jnp.einsum("bkgp,bpkh->bkgh", probs[..., :p].astype(dtype), prompt_v, **f32)
+               + jnp.einsum("bkgm,bmkh->bkgh", probs[..., p:p + m].astype(dtype), decoded_v, **f32)
+               + probs[..., p + m:] * v[:, 0, :, None, :].astype(jnp.float32))
+    return context.reshape(b, 1, nq, h).astype(q.dtype)
+
+
+# --- prefill ---------------------------------------------------------------------------------------
+def _prefill(graphdef, spec: DecodeSpec, params, input_ids, lengths, keys, knobs: Knobs) -> DecodeState:
+    """All prompt tokens through all T steps; the first new token from the last position's exit step."""
+    model = nnx.merge(graphdef, params)
+    cfg = model.config
+    b, p = input_ids.shape
+    t_max, m = spec.policy.num_steps, spec.max_new_tokens
+    index = jnp.arange(p)
+    pad = (p - lengths)[:, None]
+    valid = index[None] >= pad  # [B, P]
+    mask = ((index[:, None] >= index[None]) & valid[:, None, :]) | jnp.eye(p, dtype=jnp.bool_)
+    cos, sin = rope_cos_sin(jnp.maximum(index[None] - pad, 0), cfg.head_dim, cfg.rope_theta,
+                            cfg.compute_dtype)
+    attend = functools.partial(jax.nn.dot_product_attention, mask=mask[:, None], scale=cfg.head_dim ** -0.5,
+                               implementation=model.layers.self_attn.implementation)
+
+    def step(h, _):
+        h, kv = _map_layers(model, lambda layer, x, _: _layer(layer, x, cos, sin, attend), h, None)
+        h = model.norm(h)
+        return h, (kv, h[:, -1], model.gate_logit(h[:, -1:])[:, 0])
+
+    _, ((k, v), last, gates) = jax.lax.scan(step, model.embed(input_ids), None, length=t_max)
+    exit_step = spec.policy.first_exit(last, gates, knobs.threshold)  # last [T, B, D]
+    logits = model.logits(take_step(last, exit_step, 1)[:, None])[:, 0]
+    token = sample(logits, keys, 0, greedy=spec.greedy, temperature=knobs.temperature, top_k=spec.top_k,
+                   top_p=knobs.top_p if spec.top_p else None)
+    step_logits = None
+    if spec.step_logits:
+        step_logits = jnp.zeros((m, t_max, b, cfg.vocab_size), jnp.float32).at[0].set(
+            model.logits(last[:, :, None])[:, :, 0])
+    return DecodeState(
+        index=jnp.int32(1),
+        tokens=jnp.full((b, m), spec.pad_id, jnp.int32).at[:, 0].set(token),
+        exit_steps=jnp.full((b, m), -1, jnp.int32).at[:, 0].set(exit_step),
+        done=jnp.isin(token, jnp.asarray(spec.stop_tokens, jnp.int32)),
+        lengths=lengths, keys=keys, cache=KVCache.create(k, v, m, spec.kv_sharing),
+        loop_steps=jnp.int32(0), step_logits=step_logits)
+
+
+# --- decode ----------------------------------------------------------------------------------------
+def _decode_token(model, spec: DecodeSpec, state: DecodeState, threshold):
+    """Run token `state.index - 1` (fed back at slot index - 1) through its adaptive loop.
+
+    Returns (logits [B, V] of each row's exit step, exit_step [B], k, v [T, N, B, K, H] per step,
+    steps executed (scalar), per-step logits [T, B, V] or None).
+    """
+    cfg = model.config
+    cache, slot = state.cache, state.index - 1
+    t_max = spec.policy.num_steps
+    tokens = jax.lax.dynamic_index_in_dim(state.tokens, slot, axis=1, keepdims=True)  # [B, 1]
+    b, p = tokens.shape[0], cache.prompt_k.shape[3]
+    cos, sin = rope_cos_sin(state.lengths[:, None] + slot, cfg.head_dim, cfg.rope_theta, cfg.compute_dtype)
+    prompt_valid = jnp.arange(p)[None] >= (p - state.lengths)[:, None]
+    decoded_valid = jnp.arange(spec.max_new_tokens) < slot
+    attend = functools.partial(_cached_attention, prompt_valid=prompt_valid, decoded_valid=decoded_valid,
+                               scale=cfg.head_dim ** -0.5)
+
+    def layer_fn(layer, x, cached):
+        x, (k, v) = _layer(layer, x, cos, sin, functools.partial(attend, cached=cached))
+        return x, (k[:, 0], v[:, 0])
+
+    def run_step(carry):
+        t, h, exited, exit_step, policy_state, kbuf, vbuf, logit_buf = carry
+        decoded_k, decoded_v = cache.decoded(t)
+        h_new, (k, v) = _map_layers(model, layer_fn, h,
+                                    (cache.prompt_k[t], cache.prompt_v[t], decoded_k, decoded_v))
+        h_new = model.norm(h_new)
+        exit_now, policy_state = spec.policy.update(policy_state, t, h_new[:, 0],
+                                                    model.gate_logit(h_new)[:, 0], threshold)
+        running = ~exited
+        if logit_buf is not None:
+            logit_buf = logit_buf.at[t].set(model.logits(h_new)[:, 0])
+        return (t + 1, jnp.where(running[:, None, None], h_new, h), exited | exit_now,
+                jnp.where(running, t, exit_step), policy_state, kbuf.at[t].set(k), vbuf.at[t].set(v),
+                logit_buf)
+
+    x = model.embed(tokens)
+    kv_shape = (t_max, cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim)
+    kbuf = jnp.zeros(kv_shape, cache.prompt_k.dtype)
+    logit_buf = jnp.zeros((t_max, b, cfg.vocab_size), jnp.float32) if spec.step_logits else None
+    carry = (jnp.int32(0), x, state.done, jnp.zeros((b,), jnp.int32), spec.policy.init(x[:, 0]),
+             kbuf, kbuf, logit_buf)
+    steps, h, _, exit_step, _, kbuf, vbuf, logit_buf = jax.lax.while_loop(
+        lambda c: (c[0] < t_max) & ~jnp.all(c[2]), run_step, carry)
+    if logit_buf is not None:
+        logit_buf = fill_skipped(logit_buf, exit_step, 1)
+    return model.logits(h)[:, 0], exit_step, kbuf, vbuf, steps, logit_buf
+
+
+def _decode(graphdef, spec: DecodeSpec, params, state: DecodeState, knobs: Knobs) -> DecodeState:
+    """Generate tokens 1..M-1 (`lax.while_loop`, stops early once every row is done)."""
+    model = nnx.merge(graphdef, params)
+    stop = jnp.asarray(spec.stop_tokens, jnp.int32)
+
+    def body(s: DecodeState) -> DecodeState:
+        logits, exit_step, k, v, steps, step_logits = _decode_token(model, spec, s, knobs.threshold)
+        token = sample(logits, s.keys, s.index, greedy=spec.greedy, temperature=knobs.temperature,
+                       top_k=spec.top_k, top_p=knobs.top_p if spec.top_p else None)
+        token = jnp.where(s.done, spec.pad_id, token)
+        exit_step = jnp.where(s.done, -1, exit_step)
+        if spec.on_token is not None:
+            io_callback(spec.on_token, None, s.index, token, exit_step, s.done, ordered=True)
+        return s.replace(
+            index=s.index + 1,
+            tokens=s.tokens.at[:, s.index].set(token),
+            exit_steps=s.exit_steps.at[:, s.index].set(exit_step),
+            done=s.done | jnp.isin(token, stop),
+            cache=s.cache.write(s.index - 1, k, v, exit_step),
+            loop_steps=s.loop_steps + steps,
+            step_logits=None if step_logits is None else s.step_logits.at[s.index].set(step_logits))
+
+    return jax.lax.while_loop(lambda s: (s.index < spec.max_new_tokens) & ~jnp.all(s.done), body, state)
+
+
+# --- compilation cache and the public API ------------------------------------------------------------
+@functools.lru_cache(maxsize=32)
+def _compile(fn, graphdef, spec: DecodeSpec, treedef, leaves):
+    args = jax.tree.unflatten(treedef, leaves)
+    return jax.jit(fn, static_argnums=(0, 1)).lower(graphdef, spec, *args).compile()
+
+
+def _run(fn, graphdef, spec, *args):
+    """Compile (cached by shapes and static settings) and run `fn`; returns (out, run_s, compile_s)."""
+    leaves, treedef = jax.tree.flatten(args)
+    start = time.perf_counter()
+    hits = _compile.cache_info().hits
+    compiled = _compile(fn, graphdef, spec, treedef,
+                        tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves))
+    compile_s = 0.0 if _compile.cache_info().hits > hits else time.perf_counter() - start
+    start = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    return out, time.perf_counter() - start, compile_s
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token-id lists -> (input_ids [B, P] int32 left-padded with `pad_id`, prompt_lengths [B] int32)."""
+    lengths = np.asarray([len(r) for r in rows], np.int32)
+    ids = np.full((len(rows), max(lengths, default=0)), pad_id, np.int32)
+    for row, r in zip(ids, rows, strict=True):
+        row[len(row) - len(r):] = r
+    return ids, lengths
+
+
+def _policy(num_steps, exit_threshold, exit_at_step, exit_policy, hidden_delta_eps):
+    """(ExitPolicy, threshold) from generate's exit arguments, validated."""
+    if exit_policy not in EXIT_POLICIES:
+        raise ValueError(f"exit_policy={exit_policy!r} must be one of {EXIT_POLICIES}")
+    if exit_at_step is not None:
+        if exit_threshold is not None or exit_policy != "gate":
+            raise ValueError("exit_at_step fixes the depth: do not combine it with exit_threshold or "
+                             "exit_policy='hidden_delta'")
+        if not 0 <= exit_at_step < num_steps:
+            raise ValueError(f"exit_at_step={exit_at_step} must lie in [0, {num_steps})")
+        return ExitPolicy("fixed", exit_at_step + 1), 0.0
+    if exit_policy == "hidden_delta":
+        if exit_threshold is not None:
+            raise ValueError("exit_threshold is the gate's q; exit_policy='hidden_delta' uses hidden_delta_eps")
+        if not hidden_delta_eps > 0:
+            raise ValueError(f"hidden_delta_eps={hidden_delta_eps} must be > 0")
+        return ExitPolicy("hidden_delta", num_steps), hidden_delta_eps
+    if exit_threshold is None:
+        return ExitPolicy("fixed", num_steps), 0.0
+    if not 0.0 <= exit_threshold <= 1.0:
+        raise ValueError(f"exit_threshold={exit_threshold} must lie in [0, 1]")
+    return ExitPolicy("gate", num_steps), exit_threshold
+
+
+def generate(
+    model,
+    input_ids,
+    max_new_tokens: int,
+    *,
+    prompt_lengths=None,
+    exit_threshold: float | None = None,
+    exit_at_step: int | None = None,
+    exit_policy: str = "gate",
+    hidden_delta_eps: float = 0.05,
+    kv_sharing: str = "none",
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | Sequence[int] = 0,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
+    output_step_logits: bool = False,
+    on_token: Callable | None = None,
+) -> GenerateOutput:
+    """Generate `max_new_tokens` tokens per row with a KV cache and per-token adaptive depth.
+
+    Args:
+      model: an `ouro_jax.Ouro`.
+      input_ids: [B, P] int prompts, left-padded (see `left_pad`).
+      max_new_tokens: M >= 1.
+      prompt_lengths: [B] real tokens per row (the last ones of each row); default P for every row.
+      exit_threshold: Q-exit q in [0, 1] on the gate's CDF (exit_policy "gate"); None: full depth.
+      exit_at_step: use loop step k (0-based) for every token; steps after k are never computed.
+      exit_policy: "gate" (Q-exit) or "hidden_delta" (exit once ||h_t - h_{t-1}|| / ||h_{t-1}|| <
+        hidden_delta_eps, t >= 1).
+      kv_sharing: "none" | "last" | "average" decode-time KV sharing (`cache.py`).
+      temperature: 0 is greedy; otherwise sampling with `top_k` / `top_p`, keys from `seed` (an int, or
+        one per row; see `sampling.py`).
+      stop_tokens: a row stops after generating one of these (kept in its output), then gets `pad_id`.
+      output_step_logits: also return every loop step's logits of every token (for analysis/tests).
+      on_token: streaming callback, see `DecodeSpec`.
+    """
+    cfg = model.config
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be a non-empty [batch, length] integer array, got {ids.shape}")
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise ValueError(f"input_ids must lie in [0, vocab_size={cfg.vocab_size})")
+    b, p = ids.shape
+    lengths = np.full((b,), p, np.int32) if prompt_lengths is None else np.asarray(prompt_lengths, np.int32)
+    if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > p:
+        raise ValueError(f"prompt_lengths must be [{b}] values in [1, {p}], got {lengths}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if kv_sharing not in SHARING:
+        raise ValueError(f"kv_sharing={kv_sharing!r} must be one of {SHARING}")
+    if temperature < 0 or (top_k is not None and not 1 <= top_k <= cfg.vocab_size) or (
+            top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"need temperature >= 0, 1 <= top_k <= vocab, 0 < top_p <= 1; got "
+                         f"{temperature}, {top_k}, {top_p}")
+    policy, threshold = _policy(cfg.total_ut_steps, exit_threshold, exit_at_step, exit_policy,
+                                hidden_delta_eps)
+    greedy = temperature == 0
+    spec = DecodeSpec(policy=policy, kv_sharing=kv_sharing, max_new_tokens=max_new_tokens, greedy=greedy,
+                      top_k=None if greedy else top_k, top_p=not greedy and top_p is not None,
+                      stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=pad_id,
+                      step_logits=output_step_logits, on_token=on_token)
+    knobs = Knobs(*(jnp.float32(x) for x in (threshold, temperature if not greedy else 1.0,
+                                              1.0 if top_p is None else top_p)))
+    seeds = np.broadcast_to(np.asarray(seed, np.uint32), (b,))
+    graphdef, params = nnx.split(model)
+
+    state, prefill_s, compile_prefill = _run(_prefill, graphdef, spec, params, jnp.asarray(ids, jnp.int32),
+                                             jnp.asarray(lengths), row_keys(jnp.asarray(seeds)), knobs)
+    if on_token is not None:
+        on_token(0, np.asarray(state.tokens[:, 0]), np.asarray(state.exit_steps[:, 0]), np.zeros(b, bool))
+    state, decode_s, compile_decode = _run(_decode, graphdef, spec, params, state, knobs)
+
+    tokens, exit_steps = np.asarray(state.tokens), np.asarray(state.exit_steps)
+    generated = exit_steps >= 0
+    decode_tokens = int(generated[:, 1:].sum())
+    stats = GenerateStats(
+        mean_depth=float(exit_steps[generated].mean() + 1),
+        loop_steps=int(state.loop_steps),
+        loop_steps_full=(int(state.index) - 1) * policy.num_steps,
+        prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_prefill + compile_decode,
+        tokens_per_s=int(generated.sum()) / (prefill_s + decode_s),
+        decode_tokens_per_s=decode_tokens / decode_s if decode_tokens else 0.0,
+        cache_bytes=state.cache.nbytes())
+    step_logits = None if state.step_logits is None else np.asarray(state.step_logits).transpose(2, 0, 1, 3)
+    return GenerateOutput(tokens=tokens, exit_steps=exit_steps, lengths=generated.sum(1).astype(np.int32),
+                          stats=stats, step_logits=step_logits)

@@ -1,0 +1,1 @@
+"""Training: `python -m ouro_jax.train --config=configs/NAME.py[:variant] --workdir=DIR`."""

@@ -1,0 +1,338 @@
+"""Training: the loop, optimiser, sharded step, checkpoints, resume and failure handling."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ouro_jax import sharding
+from ouro_jax.data import pipeline
+from ouro_jax.model.ouro import Ouro
+from ouro_jax.train import config as config_lib
+from ouro_jax.train import loop
+from ouro_jax.train import optimizer as optim
+from ouro_jax.train.checkpoint import Checkpointer, abstract_like, restore_params
+from ouro_jax.train.step import init_fn, make_train_step
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A small p-hop run: CLI flags and the same values for in-process configs.
+SMALL = {
+    "total_steps": 12, "log_every_steps": 1, "eval_every_steps": 6, "checkpoint_every_steps": 4,
+    "data.batch_size": 16, "data.seq_len": 16, "data.eval_batches": 2,
+    "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_attention_heads": 2,
+    "model.num_key_value_heads": 2, "model.head_dim": 16, "model.total_ut_steps": 2,
+    "optimizer.warmup_steps": 2,
+}
+NOT_EXACT = {"tokens_per_s"}  # wall-clock dependent
+
+
+def small_config(**overrides):
+    from configs import demo
+
+    c = demo.get_config()
+    for key, value in {**SMALL, **overrides}.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def cli(workdir, *extra, **overrides):
+    flags = [f"--config.{k}={v}" for k, v in {**SMALL, **overrides}.items()]
+    return [sys.executable, "-m", "ouro_jax.train", "--config=configs/demo.py", f"--workdir={workdir}",
+            *flags, *extra]
+
+
+def run_cli(args, **kwargs):
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in NOT_EXACT} for line in f]
+
+
+@pytest.fixture(autouse=True)
+def _configs_importable(monkeypatch):
+    monkeypatch.syspath_prepend(REPO)
+
+
+# --- the loop -----------------------------------------------------------------------------------
+@functools.cache
+def _demo_run(tmp_root):
+    workdir = os.path.join(tmp_root, "demo")
+    loop.train(small_config(total_steps=40, **{"optimizer.learning_rate": 3e-3}), workdir)
+    return workdir
+
+
+def test_loss_decreases_and_metrics_are_complete(tmp_path_factory):
+    workdir = _demo_run(str(tmp_path_factory.getbasetemp()))
+    recs = records(workdir)
+    assert [r["step"] for r in recs] == list(range(1, 41))
+    first, last = np.mean([r["loss"] for r in recs[:5]]), np.mean([r["loss"] for r in recs[-5:]])
+    assert last < first - 0.05, (first, last)
+    keys = {"step", "loss", "loss_step_1", "loss_step_2", "exit_pdf_step_1", "exit_pdf_step_2",
+            "entropy", "mean_exit_step", "grad_norm", "lr", "accuracy_step_1"}
+    assert keys <= set(recs[-1])
+    evals = [r for r in recs if "eval_loss_step_1" in r]
+    assert [r["step"] for r in evals] == [6, 12, 18, 24, 30, 36, 40]
+    assert 0.0 <= evals[-1]["eval_answer_accuracy_step_2"] <= 1.0
+    np.testing.assert_allclose(recs[-1]["exit_pdf_step_1"] + recs[-1]["exit_pdf_step_2"], 1.0, atol=1e-5)
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["total_steps"] == 40
+    # TensorBoard event files hold the same scalars
+    from tensorboardX.proto import event_pb2
+
+    tb_dir = os.path.join(workdir, "tensorboard")
+    data = open(os.path.join(tb_dir, os.listdir(tb_dir)[0]), "rb").read()
+    losses, pos = {}, 0
+    while pos < len(data):  # TFRecord framing: u64 length, u32 crc, payload, u32 crc
+        length = int.from_bytes(data[pos:pos + 8], "little")
+        event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+        pos += 16 + length
+        for value in event.summary.value:
+            if value.tag == "loss":
+                losses[event.step] = value.simple_value
+    assert losses[40] == pytest.approx(recs[-1]["loss"], rel=1e-6)
+
+
+def test_same_seed_gives_identical_metrics_and_rerun_is_a_no_op(tmp_path_factory, tmp_path):
+    reference = records(_demo_run(str(tmp_path_factory.getbasetemp())))
+    workdir = str(tmp_path / "again")
+    config = small_config(total_steps=40, **{"optimizer.learning_rate": 3e-3})
+    loop.train(config, workdir)
+    assert records(workdir) == reference
+    ckpts = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert ckpts[-1] == 40 and len(ckpts) <= config.max_checkpoints_to_keep
+    loop.train(config, workdir)  # the same command again: resumes at step 40, nothing left to do
+    assert records(workdir) == reference
+
+
+def test_sigkill_and_restart_gives_bit_identical_metrics(tmp_path):
+    steps = {"total_steps": 20, "checkpoint_every_steps": 3}
+    uninterrupted = str(tmp_path / "a")
+    assert run_cli(cli(uninterrupted, **steps)).returncode == 0
+    killed = str(tmp_path / "b")
+    proc = subprocess.Popen(cli(killed, **steps), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = os.path.join(killed, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 10:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = sum(1 for _ in open(metrics))
+    assert 10 <= killed_at < 20
+    result = run_cli(cli(killed, **steps))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert records(killed) == records(uninterrupted)
+
+
+def test_sigterm_saves_and_stops_then_resumes(tmp_path):
+    workdir = str(tmp_path / "term")
+    steps = {"total_steps": 400, "checkpoint_every_steps": 1000, "eval_every_steps": 0}
+    proc = subprocess.Popen(cli(workdir, **steps), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    saved = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=3)
+    step = saved.latest_step()
+    saved.close()
+    assert step is not None and 0 < step < 400  # saved where it stopped, not at a periodic step
+    assert records(workdir)[-1]["step"] <= step
+
+
+# --- configuration and failures --------------------------------------------------------------------
+def test_cli_overrides_and_rejections(tmp_path):
+    unknown = run_cli(cli(str(tmp_path / "u"), **{"optimizer.nonexistent": 1}))
+    assert unknown.returncode != 0 and "nonexistent" in unknown.stderr
+    for overrides, needle in [
+        ({"model.total_ut_steps": 0}, "total_ut_steps=0"),
+        ({"objective.stage": 3}, "config.objective.stage"),
+        ({"optimizer.schedule": "linear"}, "config.optimizer.schedule"),
+        ({"mesh.data": 3}, "mesh"),
+        ({"data.source": "text", "data.text.files": "/nonexistent/*.txt"}, "/nonexistent"),
+        ({"data.source": "text", "data.text.files": os.path.join(REPO, "README.md"),
+          "data.tokenizer": "/no/such/tokenizer.json"}, "/no/such/tokenizer.json"),
+    ]:
+        workdir = str(tmp_path / "bad")
+        result = run_cli(cli(workdir, **overrides))
+        assert result.returncode == 1, (overrides, result.stderr[-1500:])
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith("error: ") and needle in lines[-1], (overrides, lines[-3:])
+        assert not os.path.exists(os.path.join(workdir, "checkpoints")), overrides
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path / "nan")
+    result = run_cli(cli(workdir, **{"optimizer.learning_rate": 1e12, "optimizer.warmup_steps": 0,
+                                     "optimizer.clip_norm": 1e30, "checkpoint_every_steps": 1,
+                                     "total_steps": 50, "async_checkpointing": False}))
+    assert result.returncode == 1, result.stderr[-1500:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: loss is") and "last good checkpoint" in last_line
+    cfg = small_config()
+    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+        lambda: Ouro(config_lib.validate(cfg).model, rngs=nnx.Rngs(0)))))
+    params = restore_params(workdir, abstract)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+# --- optimiser ------------------------------------------------------------------------------------
+def test_schedules():
+    opt = dict(learning_rate=1.0, warmup_steps=10, decay_steps=20, min_lr_ratio=0.1)
+    wsd = optim.learning_rate_schedule({**opt, "schedule": "wsd"}, 100)
+    assert float(wsd(5)) == pytest.approx(0.5) and float(wsd(10)) == pytest.approx(1.0)
+    assert float(wsd(80)) == pytest.approx(1.0) and float(wsd(90)) == pytest.approx(0.55)
+    assert float(wsd(100)) == pytest.approx(0.1)
+    cos = optim.learning_rate_schedule({**opt, "schedule": "cosine"}, 100)
+    assert float(cos(55)) == pytest.approx(0.55) and float(cos(100)) == pytest.approx(0.1)
+    const = optim.learning_rate_schedule({**opt, "schedule": "constant"}, 100)
+    assert float(const(99)) == pytest.approx(1.0)
+
+
+def test_weight_decay_skips_norms_and_gate_bias():
+    params = nnx.to_pure_dict(nnx.state(Ouro(config_lib.validate(small_config()).model,
+                                             rngs=nnx.Rngs(0))))
+    mask = optim.decay_mask(params)
+    assert not mask["norm"]["weight"] and not mask["early_exit_gate"]["bias"]
+    assert not mask["layers"]["input_layernorm_2"]["weight"]
+    assert mask["early_exit_gate"]["kernel"] and mask["embed_tokens"]["embedding"]
+    assert mask["layers"]["mlp"]["down_proj"]["kernel"]
+
+
+def _step_setup(config, mesh):
+    resolved = config_lib.validate(config)
+    factory = lambda: Ouro(resolved.model, rngs=nnx.Rngs(config.seed))
+    abstract_model = nnx.eval_shape(factory)
+    graphdef, abstract_state = nnx.split(abstract_model)
+    abstract = nnx.to_pure_dict(abstract_state)
+    shardings = sharding.param_shardings(abstract, sharding.logical_axes(abstract_model), mesh)
+    stage = resolved.objective["stage"]
+    tx = optim.make_optimizer(resolved.optimizer, config.total_steps, abstract, stage)
+    state = jax.jit(init_fn(factory, tx, config.seed, shardings))()
+    step = make_train_step(graphdef, tx, optim.learning_rate_schedule(resolved.optimizer, 10),
+                           resolved.objective, optim.trainable_mask(abstract, stage),
+                           resolved.optimizer["grad_accum_steps"])
+    batch = next(iter(pipeline.build_train_dataset(config.data, seed=0)))
+    return state, jax.jit(step), sharding.put_batch(batch, sharding.batch_sharding(mesh))
+
+
+def test_stage2_updates_only_the_gate():
+    config = small_config(**{"objective.stage": 2, "optimizer.warmup_steps": 0})
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    state, step, batch = _step_setup(config, mesh)
+    before = jax.device_get(state.params)
+    new_state, metrics = step(state, batch)
+    after = jax.device_get(new_state.params)
+    for path, old in jax.tree_util.tree_leaves_with_path(before):
+        new = after
+        for key in path:
+            new = new[key.key]
+        changed = not np.array_equal(old, new)
+        assert changed == (path[0].key == "early_exit_gate"), path
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    one, step1, batch = _step_setup(small_config(), mesh)
+    two, step2, _ = _step_setup(small_config(**{"optimizer.grad_accum_steps": 4}), mesh)
+    (s1, m1), (s2, m2) = step1(one, batch), step2(two, batch)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+    chex.assert_trees_all_close(s1.params, s2.params, atol=1e-6)
+
+
+# --- sharding -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2)])
+def test_mesh_equivalence_and_real_sharding(shape):
+    config = small_config(**{"model.num_key_value_heads": 2, "model.num_attention_heads": 2})
+    single = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    state1, step1, batch1 = _step_setup(config, single)
+    mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape, strict=True)))
+    state8, step8, batch8 = _step_setup(config, mesh)
+    (s1, m1), (s8, m8) = step1(state1, batch1), step8(state8, batch8)
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-5)
+    chex.assert_trees_all_close(jax.device_get(s1.params), jax.device_get(s8.params), atol=1e-5)
+    # parameters are sharded as the rules say
+    q = s8.params["layers"]["self_attn"]["q_proj"]["kernel"]  # [layers, embed, heads, kv]
+    embedding = s8.params["embed_tokens"]["embedding"]  # [vocab, embed]
+    expected_q = jax.sharding.PartitionSpec(None, "fsdp" if shape[1] > 1 else None,
+                                            "tensor" if shape[2] > 1 else None, None)
+    named = lambda spec: jax.sharding.NamedSharding(mesh, spec)
+    assert q.sharding.is_equivalent_to(named(expected_q), q.ndim)
+    assert embedding.sharding.is_equivalent_to(named(jax.sharding.PartitionSpec(
+        "tensor" if shape[2] > 1 else None, "fsdp" if shape[1] > 1 else None)), 2)
+    shard_shape = q.addressable_shards[0].data.shape
+    assert shard_shape[1] == q.shape[1] // shape[1] and shard_shape[2] == q.shape[2] // shape[2]
+
+
+def test_mesh_shape_errors():
+    assert sharding.mesh_shape({"data": -1, "tensor": 2}, 8) == (4, 1, 2)
+    with pytest.raises(ValueError, match="needs 6 devices"):
+        sharding.mesh_shape({"data": 3, "fsdp": 2}, 8)
+    with pytest.raises(ValueError, match="unknown axes"):
+        sharding.mesh_shape({"model": 2}, 8)
+    with pytest.raises(ValueError, match="cannot fill"):
+        sharding.mesh_shape({"data": -1, "fsdp": 3}, 8)
+
+
+def test_checkpoint_restores_onto_another_mesh(tmp_path):
+    config = small_config()
+    mesh_a = sharding.make_mesh({"data": 1, "fsdp": 8})
+    state, step, batch = _step_setup(config, mesh_a)
+    state, _ = step(state, batch)
+    data_iter = iter(pipeline.build_train_dataset(config.data, seed=0))
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=2)
+    ckpt.save(state, data_iter)
+    ckpt.wait()
+    mesh_b = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
+    fresh, _, _ = _step_setup(config, mesh_b)
+    target = abstract_like(fresh, jax.tree.map(lambda x: x.sharding, fresh))
+    restored = ckpt.restore(1, target, iter(pipeline.build_train_dataset(config.data, seed=0)))
+    ckpt.close()
+    chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))
+    up = restored.params["layers"]["mlp"]["up_proj"]["kernel"]  # [layers, embed, mlp]
+    assert up.sharding.is_equivalent_to(
+        jax.sharding.NamedSharding(mesh_b, jax.sharding.PartitionSpec(None, None, "tensor")), 3)
+
+
+def test_init_from_with_upcycling(tmp_path_factory, tmp_path):
+    source = _demo_run(str(tmp_path_factory.getbasetemp()))
+    config = small_config(total_steps=1, eval_every_steps=0, init_from=source,
+                          init_upcycle="interleaved", **{"model.num_hidden_layers": 2,
+                                                         "optimizer.learning_rate": 1e-9})
+    loop.train(config, str(tmp_path / "up"))
+    cfg1 = config_lib.validate(small_config()).model
+    old = restore_params(source, nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+        lambda: Ouro(cfg1, rngs=nnx.Rngs(0))))))
+    new = restore_params(str(tmp_path / "up"), nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+        lambda: Ouro(config_lib.validate(config).model, rngs=nnx.Rngs(0))))))
+    old_up = old["layers"]["mlp"]["up_proj"]["kernel"]  # [1, ...] -> [2, ...] interleaved copies
+    new_up = new["layers"]["mlp"]["up_proj"]["kernel"]
+    np.testing.assert_allclose(new_up[0], old_up[0], atol=1e-6)
+    np.testing.assert_allclose(new_up[1], old_up[0], atol=1e-6)
+    np.testing.assert_allclose(new["lm_head"]["kernel"], old["lm_head"]["kernel"], atol=1e-6)
+    assert jnp.asarray(new_up).shape[0] == 2
