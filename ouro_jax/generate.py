@@ -3,11 +3,12 @@
   python -m ouro_jax.generate --model=PATH --prompt=TEXT [--chat] [--exit_threshold=q] [--kv_sharing=last]
       [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S]
 
-PATH: an ouro_jax run directory (its latest checkpoint) or a Hugging Face Ouro directory. The text goes
-through the Ouro tokenizer (or PATH/tokenizer.json when present, or --tokenizer); with --chat the prompt
-is one ChatML user turn followed by the assistant prompt. Generation stops at <|im_end|> or
-<|endoftext|>. Text is printed as soon as it forms complete UTF-8 characters; a last line reports the
-mean depth used (loops per token). Bad input: one line on stderr, exit status 1.
+PATH: an ouro_jax run directory (its latest checkpoint) or a Hugging Face Ouro directory, loaded by
+`ouro_jax.convert.pretrained.from_pretrained`. The text goes through the Ouro tokenizer (or
+PATH/tokenizer.json when present, or --tokenizer); with --chat the prompt is one ChatML user turn
+followed by the assistant prompt. Generation stops at <|im_end|> or <|endoftext|>. Text is printed as
+soon as it forms complete UTF-8 characters; a last line reports the mean depth used (loops per token).
+Bad input: one line on stderr, exit status 1.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype override")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="parameter and compute dtype")
     return p
 
 
@@ -73,12 +75,15 @@ class _TextStream:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from absl import logging
+
+    logging.set_verbosity(logging.ERROR)  # Orbax warns about read-only checkpoint directories
     try:
         from ouro_jax import tokenizer as tok
+        from ouro_jax.convert.pretrained import from_pretrained
         from ouro_jax.inference.decode import generate
-        from ouro_jax.inference.loading import load_model
 
-        model = load_model(args.model, args.dtype)
+        model = from_pretrained(args.model, dtype=args.dtype)
         source = args.tokenizer or (args.model if os.path.isfile(os.path.join(args.model, "tokenizer.json"))
                                     else "ouro")
         tokenizer = tok.load(source)

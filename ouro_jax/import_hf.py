@@ -52,7 +52,7 @@ def main(argv):
     try:
         out = import_hf(_HF_DIR.value, _OUTPUT_DIR.value, _DTYPE.value, _OVERWRITE.value)
     except (OSError, ValueError) as err:
-        print(f"import_hf: error: {err}", file=sys.stderr)
+        print(f"import_hf: error: {' '.join(str(err).split())}", file=sys.stderr)  # one line
         sys.exit(1)
     print(out)
 

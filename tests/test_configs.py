@@ -27,7 +27,7 @@ def _load(name, arg=None):
 def test_config_validates(name, arg):
     c = _load(name, arg)
     if c.init_upcycle:  # upcycling needs a source run
-        with pytest.raises(config_lib.ConfigError, match="init_upcycle: needs config.init_from"):
+        with pytest.raises(config_lib.ConfigError, match=r"init_upcycle: needs config\.init_from"):
             config_lib.validate(c)
         c.init_from = "/runs/ouro_1p4b_1a"
     resolved = config_lib.validate(c)

@@ -121,7 +121,7 @@ def test_same_seed_gives_identical_metrics_and_rerun_is_a_no_op(tmp_path_factory
 
 
 def test_sigkill_and_restart_gives_bit_identical_metrics(tmp_path):
-    steps = {"total_steps": 20, "checkpoint_every_steps": 3}
+    steps = {"total_steps": 20, "checkpoint_every_steps": 3, "eval_every_steps": 10}
     uninterrupted = str(tmp_path / "a")
     assert run_cli(cli(uninterrupted, **steps)).returncode == 0
     killed = str(tmp_path / "b")
@@ -265,17 +265,27 @@ def test_gradient_accumulation_matches_one_big_batch():
 
 
 # --- sharding -------------------------------------------------------------------------------------
+MESH_CONFIG = {"model.num_key_value_heads": 2, "model.num_attention_heads": 2}
+
+
+@functools.cache
+def _single_device_step():
+    """One train step on one device: (params, metrics) on the host."""
+    state, step, batch = _step_setup(small_config(**MESH_CONFIG),
+                                     sharding.make_mesh({"data": 1}, jax.devices()[:1]))
+    new_state, metrics = step(state, batch)
+    return jax.device_get(new_state.params), jax.device_get(metrics)
+
+
 @pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2)])
 def test_mesh_equivalence_and_real_sharding(shape):
-    config = small_config(**{"model.num_key_value_heads": 2, "model.num_attention_heads": 2})
-    single = sharding.make_mesh({"data": 1}, jax.devices()[:1])
-    state1, step1, batch1 = _step_setup(config, single)
+    params1, m1 = _single_device_step()
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape, strict=True)))
-    state8, step8, batch8 = _step_setup(config, mesh)
-    (s1, m1), (s8, m8) = step1(state1, batch1), step8(state8, batch8)
+    state8, step8, batch8 = _step_setup(small_config(**MESH_CONFIG), mesh)
+    s8, m8 = step8(state8, batch8)
     np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
     np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-5)
-    chex.assert_trees_all_close(jax.device_get(s1.params), jax.device_get(s8.params), atol=1e-5)
+    chex.assert_trees_all_close(params1, jax.device_get(s8.params), atol=1e-5)
     # parameters are sharded as the rules say
     q = s8.params["layers"]["self_attn"]["q_proj"]["kernel"]  # [layers, embed, heads, kv]
     embedding = s8.params["embed_tokens"]["embedding"]  # [vocab, embed]

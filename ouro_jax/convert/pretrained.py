@@ -24,7 +24,7 @@ import math
 import os
 import shutil
 import struct
-import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -219,17 +219,26 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Pat
     return out
 
 
+def _new_sibling(out: Path, tag: str) -> Path:
+    """A new empty directory `.NAME.TAG-XXXXXXXX` next to `out` (created with the usual umask)."""
+    while True:
+        path = out.with_name(f".{out.name}.{tag}-{uuid.uuid4().hex[:8]}")
+        with contextlib.suppress(FileExistsError):
+            path.mkdir()
+            return path
+
+
 @contextlib.contextmanager
 def staged_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory next to `out_dir` that becomes `out_dir` when the block
     succeeds (replacing it when `overwrite`), and is removed when the block fails."""
     out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging = _new_sibling(out, "tmp")
     try:
         yield staging
         if out.is_dir() and any(out.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = _new_sibling(out, "old")
             os.replace(out, old)
             os.replace(staging, out)
             shutil.rmtree(old)
@@ -294,7 +303,7 @@ def save_pretrained(
         tokenizer = tokenizer_lib.load(tokenizer)
     if tokenizer is not None and tokenizer.get_vocab_size() > config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the model's "
-                         f"vocab_size {config.vocab_size}")
+                         f"vocab_size {config.vocab_size}; pass a matching tokenizer or none")
     prefix = "" if auto_map == "local" else f"{hub_repo}--"
     entries = {auto_class: prefix + reference for auto_class, reference in AUTO_MAP.items()}
     with staged_directory(out_dir, overwrite) as staging:

@@ -84,6 +84,8 @@ def _merge(into: ml_collections.ConfigDict, data, prefix: str = "data") -> None:
             raise ValueError(f"unknown config key {prefix}.{key} (known: {', '.join(into)})")
         if isinstance(into[key], ml_collections.ConfigDict):
             _merge(into[key], value, f"{prefix}.{key}")
+        elif isinstance(into[key], str) and isinstance(value, list | tuple):
+            into[key] = ",".join(value)  # text.files: a list is the comma-separated string
         else:
             into[key] = value
 

@@ -3,18 +3,20 @@
 Shapes: T loop steps that may run (config.total_ut_steps, or k+1 with `exit_at_step=k`), N layers,
 B batch, P prompt length (left-padded), M = max_new_tokens, K kv heads, H head_dim.
 
-Layout:
-  prompt_k, prompt_v  [T, N, B, P, K, H]  one slot per (loop step, layer) for every prompt token: the
-                      paper keeps all T caches for the prompt (sharing them in prefill costs >10 points).
-  decode_k, decode_v  the decoded tokens. sharing "none": [T, N, B, M, K, H], one slot per (step, layer)
-                      as in the released code (exact). sharing "last" / "average": [N, B, M, K, H], ONE
-                      slot per layer that every loop step reads, so decoded-token memory is 1/T of "none".
-Decoded token j (the j-th token fed back, j = 0..M-2) lives at slot j; slot M-1 is never written
+Layout: one array per cache slot, slot index t * N + l for loop step t and layer l (the released
+code's `cache_idx`), so that a step reads and writes its slots with no slicing copies.
+  prompt_k, prompt_v  T*N arrays [B, K, P, H]: one slot per (loop step, layer) for every prompt token;
+                      the paper keeps all T caches for the prompt (sharing them in prefill costs >10 points).
+  decode_k, decode_v  the decoded tokens. sharing "none": T*N arrays [B, K, M, H], one slot per
+                      (step, layer) as in the released code (exact). sharing "last" / "average": N arrays
+                      [B, K, M, H], ONE slot per layer that every loop step reads, so decoded-token memory
+                      is 1/T of "none".
+Decoded token j (the j-th token fed back, j = 0..M-2) lives at position j; position M-1 is never written
 (the last generated token is not fed back).
 
 Which K/V a query reads, for the token being decoded at loop step t, layer l:
-  * prompt tokens: their own step-t K/V, prompt_k[t, l];
-  * earlier decoded tokens: decode_k[t, l] ("none") or their single shared entry decode_k[l];
+  * prompt tokens: their own step-t K/V, slot (t, l);
+  * earlier decoded tokens: slot (t, l) ("none") or their single shared entry of layer l;
   * itself: the K/V it computes at step t during this forward (never a shared entry: the shared entry
     of a token is written only after its whole loop has run).
 Shared entry of a token ("last"): its K/V at the last step it executed; ("average"): the mean of its
@@ -73,45 +75,52 @@ def share(kv: jax.Array, exit_step: jax.Array, sharing: str) -> jax.Array:
 class KVCache:
     """Prompt and decoded-token K/V (layout in the module docstring)."""
 
-    prompt_k: jax.Array
-    prompt_v: jax.Array
-    decode_k: jax.Array
-    decode_v: jax.Array
+    prompt_k: tuple[jax.Array, ...]
+    prompt_v: tuple[jax.Array, ...]
+    decode_k: tuple[jax.Array, ...]
+    decode_v: tuple[jax.Array, ...]
+    num_layers: int = struct.field(pytree_node=False)
     sharing: str = struct.field(pytree_node=False)
 
     @classmethod
-    def create(cls, prompt_k: jax.Array, prompt_v: jax.Array, max_new_tokens: int,
-               sharing: str) -> KVCache:
-        """Wrap the prefill's [T, N, B, P, K, H] K/V and allocate zeroed decode slots for M tokens."""
+    def create(cls, prompt_k, prompt_v, max_new_tokens: int, sharing: str) -> KVCache:
+        """Wrap the prefill's K/V (nested [t][l] lists of [B, K, P, H]) and allocate zeroed decode slots
+        for M tokens."""
         if sharing not in SHARING:
             raise ValueError(f"kv_sharing={sharing!r} must be one of {SHARING}")
-        t, n, b, _, k, h = prompt_k.shape
-        shape = (n, b, max_new_tokens, k, h) if sharing != "none" else (t, n, b, max_new_tokens, k, h)
-        zeros = jnp.zeros(shape, prompt_k.dtype)
-        return cls(prompt_k, prompt_v, zeros, zeros, sharing)
+        flat = lambda nested: tuple(x for per_step in nested for x in per_step)
+        b, k, _, h = prompt_k[0][0].shape
+        slots = len(prompt_k) * len(prompt_k[0]) if sharing == "none" else len(prompt_k[0])
+        dtype = prompt_k[0][0].dtype
+        zeros = lambda: tuple(jnp.zeros((b, k, max_new_tokens, h), dtype) for _ in range(slots))
+        return cls(flat(prompt_k), flat(prompt_v), zeros(), zeros(), len(prompt_k[0]), sharing)
 
-    def decoded(self, step: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The decoded-token K/V that loop step `step` reads: two [N, B, M, K, H] arrays."""
-        if self.sharing == "none":
-            return self.decode_k[step], self.decode_v[step]
-        return self.decode_k, self.decode_v
+    def prompt(self, step: int, layer: int) -> tuple[jax.Array, jax.Array]:
+        """Prompt K/V read at (step, layer): two [B, K, P, H] arrays."""
+        slot = step * self.num_layers + layer
+        return self.prompt_k[slot], self.prompt_v[slot]
 
-    def write(self, slot: jax.Array, k: jax.Array, v: jax.Array, exit_step: jax.Array) -> KVCache:
-        """Store one decoded token at `slot`. k, v [T, N, B, K, H] as computed (skipped steps are
+    def decoded(self, step: int, layer: int) -> tuple[jax.Array, jax.Array]:
+        """Decoded-token K/V read at (step, layer): two [B, K, M, H] arrays."""
+        slot = step * self.num_layers + layer if self.sharing == "none" else layer
+        return self.decode_k[slot], self.decode_v[slot]
+
+    def write(self, position: jax.Array, k: jax.Array, v: jax.Array, exit_step: jax.Array) -> KVCache:
+        """Store one decoded token at `position`. k, v [T, N, B, K, H] as computed (skipped steps are
         don't-care); exit_step [B] the last step each row executed."""
         if self.sharing == "none":
             k, v = fill_skipped(k, exit_step, 2), fill_skipped(v, exit_step, 2)
-            index = (0, 0, 0, slot, 0, 0)
-            axis = 3
+            k, v = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])  # [T*N, B, K, H]
         else:
-            k, v = share(k, exit_step, self.sharing), share(v, exit_step, self.sharing)
-            index = (0, 0, slot, 0, 0)
-            axis = 2
-        update = lambda cache, x: jax.lax.dynamic_update_slice(cache, jnp.expand_dims(x, axis), index)
+            k, v = share(k, exit_step, self.sharing), share(v, exit_step, self.sharing)  # [N, B, K, H]
+        update = lambda slots, new: tuple(
+            jax.lax.dynamic_update_slice(slot, x[:, :, None], (0, 0, position, 0))
+            for slot, x in zip(slots, new, strict=True))
         return self.replace(decode_k=update(self.decode_k, k), decode_v=update(self.decode_v, v))
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held: {"prompt", "decoded", "total"}."""
-        prompt = self.prompt_k.nbytes + self.prompt_v.nbytes
-        decoded = self.decode_k.nbytes + self.decode_v.nbytes
+        size = lambda slots: sum(x.nbytes for x in slots)
+        prompt = size(self.prompt_k) + size(self.prompt_v)
+        decoded = size(self.decode_k) + size(self.decode_v)
         return {"prompt": prompt, "decoded": decoded, "total": prompt + decoded}

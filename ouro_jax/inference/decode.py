@@ -6,19 +6,25 @@ Nq query heads, K kv heads, H head_dim, V vocab.
 Prompts are LEFT-padded: row b's prompt fills the last `prompt_lengths[b]` columns of `input_ids`
 (`left_pad` builds such a batch). Each row's RoPE positions start at 0 at its first real token and its
 queries never see padding, so a row gives the same tokens in any batch as alone (what HF `generate`
-does with a left-padded `attention_mask`). Every row then writes its new tokens to the same cache
-slot at each decode step.
+does with a left-padded `attention_mask`). Every row then writes its new tokens at the same cache
+position at each decode step.
 
 Engine (functional: the model is `nnx.split` once, the jitted functions take its params):
   prefill  all prompt tokens through all T steps (the prompt keeps every (step, layer) K/V, see
-           `cache.py`); the first new token comes from the last position at its exit step.
-  decode   `lax.while_loop` over tokens, stopping when all rows are done or M tokens exist. Each token
-           runs a bounded `lax.while_loop` over loop steps that stops as soon as every unfinished row
-           has exited (`policies.py`), so steps no row needs are never executed. A row that exits
-           earlier than others keeps its state: its hidden state (hence logits) stays frozen at its
-           exit step and its K/V for the skipped steps are copies of the exit step's (`cache.py`).
-           Exited rows still ride along in the batched computation of the steps others run (static
-           shapes); their results are discarded.
+           `cache.py`); the first new token comes from the last position at its exit step (the policy
+           applied to the already computed steps: prefill saves no compute).
+  decode   `lax.while_loop` over tokens, stopping when all rows are done or M tokens exist. A token's
+           T loop steps are unrolled and step t > 0 runs under `lax.cond` only while some unfinished
+           row has not exited (`policies.py`): a bounded loop whose remaining steps are skipped, not
+           computed. (Unrolling lets every step address its own cache slots statically; a dynamic
+           step index would copy the step's whole cache slice on every step.) A fixed depth (full,
+           or `exit_at_step`) runs its steps without conds: on CPU a cond costs a few µs, which only
+           matters for tiny models. A row that exits earlier than others keeps its state: its hidden
+           state (hence logits) stays frozen at its exit step and its K/V for the skipped steps are
+           copies of the exit step's (`cache.py`). Exited rows still ride along in the batched
+           computation of the steps others run (static shapes); their results are discarded.
+The layers run with their own norms and MLP modules, but with q/k/v and gate/up kernels
+concatenated (`_FusedLayer`): fewer, larger matmuls, the same arithmetic.
 Exit steps are 0-based everywhere (`exit_steps[b, i] = t` means token i came from loop step t, i.e.
 t+1 loops); `GenerateStats.mean_depth` counts loops (1-based).
 """
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
 from collections.abc import Callable, Sequence
 
@@ -46,11 +53,8 @@ EXIT_POLICIES = ("gate", "hidden_delta")
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
-    """Static settings of one compiled generation (part of the compilation key).
-
-    on_token: called (through `io_callback`) as on_token(index, tokens [B], exit_steps [B], done [B])
-    for every generated token, numpy arguments; `done` is True for rows that had already stopped.
-    """
+    """Static settings of one compiled generation (part of the compilation key). stream: the decode
+    loop reports every token to the `on_token` callback registered under `Knobs.stream_id`."""
 
     policy: ExitPolicy
     kv_sharing: str
@@ -58,19 +62,29 @@ class DecodeSpec:
     greedy: bool
     top_k: int | None
     top_p: bool
-    stop_tokens: tuple[int, ...]
     pad_id: int
     step_logits: bool
-    on_token: Callable | None
+    stream: bool
 
 
 @struct.dataclass
 class Knobs:
-    """Traced scalars (changing them never recompiles): exit threshold (q or eps), temperature, top_p."""
+    """Traced settings (changing them never recompiles): exit threshold (q or eps), temperature, top_p
+    (scalars), stop_tokens [S] int32 and stream_id (the key of the call's callback in `_STREAMS`)."""
 
     threshold: jax.Array
     temperature: jax.Array
     top_p: jax.Array
+    stop_tokens: jax.Array
+    stream_id: jax.Array
+
+
+_STREAMS: dict[int, Callable] = {}  # stream_id -> on_token of a running generate call
+_stream_ids = itertools.count()
+
+
+def _emit(stream_id, index, tokens, exit_steps, done):
+    _STREAMS[int(stream_id)](int(index), np.asarray(tokens), np.asarray(exit_steps), np.asarray(done))
 
 
 @struct.dataclass
@@ -78,12 +92,14 @@ class DecodeState:
     """The decode loop's carry.
 
     index: the next token index to produce (1..M); tokens, exit_steps [B, M] int32 (pad / -1 after a
-    row stopped); done [B] bool; lengths [B] prompt lengths; keys [B] row PRNG keys; loop_steps: loop
-    steps executed by the decode loop; step_logits [M, T, B, V] float32 or None.
+    row stopped); forced [B, M] int32 tokens fed back instead of `tokens` (teacher forcing) or None;
+    done [B] bool; lengths [B] prompt lengths; keys [B] row PRNG keys; loop_steps: loop steps executed
+    by the decode loop; step_logits [M, T, B, V] float32 or None.
     """
 
     index: jax.Array
     tokens: jax.Array
+    forced: jax.Array | None
     exit_steps: jax.Array
     done: jax.Array
     lengths: jax.Array
@@ -123,57 +139,82 @@ class GenerateOutput:
     """tokens [B, M] int32 (pad_id after a row's stop token); exit_steps [B, M] int32, the 0-based loop
     step each token came from (-1 after the row stopped); lengths [B] generated tokens per row
     (including its stop token); step_logits [B, M, T, V] float32 every step's logits of each token
-    (skipped steps repeat the exit step's), only with `output_step_logits=True`."""
+    (skipped steps repeat the exit step's), only with `output_step_logits=True`; cache: the final
+    `KVCache` (on device)."""
 
     tokens: np.ndarray
     exit_steps: np.ndarray
     lengths: np.ndarray
     stats: GenerateStats
+    cache: KVCache
     step_logits: np.ndarray | None = None
 
 
 # --- the model pieces, applied with a cache ------------------------------------------------------
-def _map_layers(model, fn, x, per_layer):
-    """fn(layer, x, per_layer[i]) -> (x, out) over the N stacked layers -> (x, outs stacked [N, ...]);
-    a `lax.scan` or unrolled, as `config.scan_layers` says."""
+@dataclasses.dataclass(frozen=True)
+class _FusedLayer:
+    """One decoder layer for decoding: its modules plus its q/k/v kernels concatenated into `qkv`
+    [D, (Nq + 2K) * H], o_proj as `out` [Nq * H, D] and gate/up as `gate_up` [D, 2F] (compute dtype),
+    so a step runs 4 matmuls per layer instead of 7."""
+
+    layer: nnx.Module
+    qkv: jax.Array
+    out: jax.Array
+    gate_up: jax.Array
+
+
+def _fused_layers(model) -> list[_FusedLayer]:
+    """The N stacked decoder layers as `_FusedLayer`s. Slicing and concatenating the parameters here,
+    once, outside the decode loops keeps weight copies out of the loop bodies."""
     graphdef, stacked = nnx.split(model.layers)
-
-    def body(x, xs):
-        params, sliced = xs
-        return fn(nnx.merge(graphdef, params), x, sliced)
-
-    if model.config.scan_layers:
-        return jax.lax.scan(body, x, (stacked, per_layer))
-    outs = []
+    dtype = model.config.compute_dtype
+    fused = []
     for i in range(model.config.num_hidden_layers):
-        x, out = body(x, jax.tree.map(lambda a, i=i: a[i], (stacked, per_layer)))
+        layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
+        attn, mlp = layer.self_attn, layer.mlp
+        flat = lambda proj: proj.kernel[...].astype(dtype).reshape(proj.kernel.shape[0], -1)
+        fused.append(_FusedLayer(
+            layer=layer, qkv=jnp.concatenate([flat(attn.q_proj), flat(attn.k_proj), flat(attn.v_proj)], 1),
+            out=attn.o_proj.kernel[...].astype(dtype).reshape(-1, model.config.hidden_size),
+            gate_up=jnp.concatenate([flat(mlp.gate_proj), flat(mlp.up_proj)], 1)))
+    return fused
+
+
+def _apply_layers(layers, fn, x):
+    """x -> fn(layers[i], x, i) in order -> (x, list of the N per-layer outputs)."""
+    outs = []
+    for i, layer in enumerate(layers):
+        x, out = fn(layer, x, i)
         outs.append(out)
-    return x, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    return x, tuple(zip(*outs, strict=True))
 
 
-def _layer(layer, x, cos, sin, attend):
-    """One decoder layer (the released order, `layers.DecoderLayer`) with pluggable attention.
+def _layer(fused: _FusedLayer, x, cos, sin, attend):
+    """One decoder layer in the released order (`layers.DecoderLayer`) with pluggable attention.
 
     x [B, S, D]; cos, sin [B, S, 1, H]; attend(q [B,S,Nq,H], k, v [B,S,K,H]) -> [B, S, Nq, H].
     Returns (x [B, S, D], (k, v) [B, S, K, H] of this layer, after RoPE).
     """
     b, s, d = x.shape
-    attn = layer.self_attn
-    tokens = layer.input_layernorm(x).reshape(b * s, d)
-    project = lambda proj: proj(tokens).reshape(b, s, *proj.kernel.shape[1:])
-    q = apply_rope(project(attn.q_proj), cos, sin)
-    k = apply_rope(project(attn.k_proj), cos, sin)
-    v = project(attn.v_proj)
-    context = attend(q, k, v)
-    x = x + layer.input_layernorm_2(attn.o_proj(context.reshape(b * s, *context.shape[2:])).reshape(b, s, d))
-    return x + layer.post_attention_layernorm_2(layer.mlp(layer.post_attention_layernorm(x))), (k, v)
+    layer, attn = fused.layer, fused.layer.self_attn
+    nq, kv, h = attn.q_proj.kernel.shape[1], attn.k_proj.kernel.shape[1], attn.q_proj.kernel.shape[2]
+    qkv = layer.input_layernorm(x).reshape(b * s, d) @ fused.qkv
+    q, k, v = jnp.split(qkv, [nq * h, (nq + kv) * h], axis=-1)
+    q = apply_rope(q.reshape(b, s, nq, h), cos, sin)
+    k = apply_rope(k.reshape(b, s, kv, h), cos, sin)
+    v = v.reshape(b, s, kv, h)
+    context = attend(q, k, v).reshape(b * s, nq * h)
+    x = x + layer.input_layernorm_2((context @ fused.out).reshape(b, s, d))
+    gate, up = jnp.split(layer.post_attention_layernorm(x).reshape(b * s, d) @ fused.gate_up, 2, axis=-1)
+    mlp = layer.mlp.down_proj(jax.nn.silu(gate) * up).reshape(b, s, d)
+    return x + layer.post_attention_layernorm_2(mlp), (k, v)
 
 
 def _cached_attention(q, k, v, cached, prompt_valid, decoded_valid, scale):
     """Attention of one new token over prompt, earlier decoded tokens and itself.
 
-    q [B, 1, Nq, H]; k, v [B, 1, K, H] (its own, this step); cached = (prompt_k, prompt_v [B, P, K, H],
-    decoded_k, decoded_v [B, M, K, H]); prompt_valid [B, P], decoded_valid [M] bool. Scores and softmax
+    q [B, 1, Nq, H]; k, v [B, 1, K, H] (its own, this step); cached = (prompt_k, prompt_v [B, K, P, H],
+    decoded_k, decoded_v [B, K, M, H]); prompt_valid [B, P], decoded_valid [M] bool. Scores and softmax
     in float32 over the three parts jointly -> [B, 1, Nq, H].
     """
     prompt_k, prompt_v, decoded_k, decoded_v = cached
@@ -182,21 +223,22 @@ def _cached_attention(q, k, v, cached, prompt_valid, decoded_valid, scale):
     qg = q.reshape(b, kv_heads, nq // kv_heads, h)
     f32 = dict(preferred_element_type=jnp.float32)
     low = jnp.finfo(jnp.float32).min
-    s_prompt = jnp.einsum("bkgh,bpkh->bkgp", qg, prompt_k, **f32)
+    s_prompt = jnp.einsum("bkgh,bkph->bkgp", qg, prompt_k, **f32)
     s_prompt = jnp.where(prompt_valid[:, None, None, :], s_prompt, low)
-    s_decoded = jnp.where(decoded_valid, jnp.einsum("bkgh,bmkh->bkgm", qg, decoded_k, **f32), low)
+    s_decoded = jnp.where(decoded_valid, jnp.einsum("bkgh,bkmh->bkgm", qg, decoded_k, **f32), low)
     s_self = jnp.einsum("bkgh,bkh->bkg", qg, k[:, 0], **f32)[..., None]
     probs = jax.nn.softmax(jnp.concatenate([s_prompt, s_decoded, s_self], -1) * scale, axis=-1)
-    p, m = prompt_k.shape[1], decoded_k.shape[1]
+    p, m = prompt_k.shape[2], decoded_k.shape[2]
     dtype = v.dtype
-    context = (jnp.einsum("bkgp,bpkh->bkgh", probs[..., :p].astype(dtype), prompt_v, **f32)
-               + jnp.einsum("bkgm,bmkh->bkgh", probs[..., p:p + m].astype(dtype), decoded_v, **f32)
+    context = (jnp.einsum("bkgp,bkph->bkgh", probs[..., :p].astype(dtype), prompt_v, **f32)
+               + jnp.einsum("bkgm,bkmh->bkgh", probs[..., p:p + m].astype(dtype), decoded_v, **f32)
                + probs[..., p + m:] * v[:, 0, :, None, :].astype(jnp.float32))
     return context.reshape(b, 1, nq, h).astype(q.dtype)
 
 
 # --- prefill ---------------------------------------------------------------------------------------
-def _prefill(graphdef, spec: DecodeSpec, params, input_ids, lengths, keys, knobs: Knobs) -> DecodeState:
+def _prefill(graphdef, spec: DecodeSpec, params, input_ids, lengths, keys, forced,
+             knobs: Knobs) -> DecodeState:
     """All prompt tokens through all T steps; the first new token from the last position's exit step."""
     model = nnx.merge(graphdef, params)
     cfg = model.config
@@ -211,13 +253,22 @@ def _prefill(graphdef, spec: DecodeSpec, params, input_ids, lengths, keys, knobs
     attend = functools.partial(jax.nn.dot_product_attention, mask=mask[:, None], scale=cfg.head_dim ** -0.5,
                                implementation=model.layers.self_attn.implementation)
 
-    def step(h, _):
-        h, kv = _map_layers(model, lambda layer, x, _: _layer(layer, x, cos, sin, attend), h, None)
-        h = model.norm(h)
-        return h, (kv, h[:, -1], model.gate_logit(h[:, -1:])[:, 0])
+    layers = _fused_layers(model)
 
-    _, ((k, v), last, gates) = jax.lax.scan(step, model.embed(input_ids), None, length=t_max)
-    exit_step = spec.policy.first_exit(last, gates, knobs.threshold)  # last [T, B, D]
+    def layer_fn(layer, x, _):
+        x, (k, v) = _layer(layer, x, cos, sin, attend)
+        return x, (k.swapaxes(1, 2), v.swapaxes(1, 2))  # [B, K, P, H]
+
+    h, ks, vs, last, gates = model.embed(input_ids), [], [], [], []
+    for _ in range(t_max):
+        h, (k, v) = _apply_layers(layers, layer_fn, h)
+        h = model.norm(h)
+        ks.append(k)
+        vs.append(v)
+        last.append(h[:, -1])
+        gates.append(model.gate_logit(h[:, -1:])[:, 0])
+    last, gates = jnp.stack(last), jnp.stack(gates)  # [T, B, D], [T, B]
+    exit_step = spec.policy.first_exit(last, gates, knobs.threshold)
     logits = model.logits(take_step(last, exit_step, 1)[:, None])[:, 0]
     token = sample(logits, keys, 0, greedy=spec.greedy, temperature=knobs.temperature, top_k=spec.top_k,
                    top_p=knobs.top_p if spec.top_p else None)
@@ -227,81 +278,90 @@ def _prefill(graphdef, spec: DecodeSpec, params, input_ids, lengths, keys, knobs
             model.logits(last[:, :, None])[:, :, 0])
     return DecodeState(
         index=jnp.int32(1),
-        tokens=jnp.full((b, m), spec.pad_id, jnp.int32).at[:, 0].set(token),
+        tokens=jnp.full((b, m), spec.pad_id, jnp.int32).at[:, 0].set(token), forced=forced,
         exit_steps=jnp.full((b, m), -1, jnp.int32).at[:, 0].set(exit_step),
-        done=jnp.isin(token, jnp.asarray(spec.stop_tokens, jnp.int32)),
-        lengths=lengths, keys=keys, cache=KVCache.create(k, v, m, spec.kv_sharing),
+        done=jnp.isin(token, knobs.stop_tokens),
+        lengths=lengths, keys=keys, cache=KVCache.create(ks, vs, m, spec.kv_sharing),
         loop_steps=jnp.int32(0), step_logits=step_logits)
 
 
 # --- decode ----------------------------------------------------------------------------------------
-def _decode_token(model, spec: DecodeSpec, state: DecodeState, threshold):
-    """Run token `state.index - 1` (fed back at slot index - 1) through its adaptive loop.
+def _decode_token(model, layers, spec: DecodeSpec, state: DecodeState, threshold):
+    """Run token `state.index - 1` (fed back at position index - 1) through its adaptive loop.
 
+    The T steps are unrolled (each reads its own cache slots) and step t > 0 runs under `lax.cond` only
+    while some unfinished row has not exited, so steps no row needs are skipped.
     Returns (logits [B, V] of each row's exit step, exit_step [B], k, v [T, N, B, K, H] per step,
     steps executed (scalar), per-step logits [T, B, V] or None).
     """
     cfg = model.config
-    cache, slot = state.cache, state.index - 1
-    t_max = spec.policy.num_steps
-    tokens = jax.lax.dynamic_index_in_dim(state.tokens, slot, axis=1, keepdims=True)  # [B, 1]
-    b, p = tokens.shape[0], cache.prompt_k.shape[3]
-    cos, sin = rope_cos_sin(state.lengths[:, None] + slot, cfg.head_dim, cfg.rope_theta, cfg.compute_dtype)
-    prompt_valid = jnp.arange(p)[None] >= (p - state.lengths)[:, None]
-    decoded_valid = jnp.arange(spec.max_new_tokens) < slot
-    attend = functools.partial(_cached_attention, prompt_valid=prompt_valid, decoded_valid=decoded_valid,
-                               scale=cfg.head_dim ** -0.5)
+    cache, position = state.cache, state.index - 1
+    fed = state.tokens if state.forced is None else state.forced
+    tokens = jax.lax.dynamic_index_in_dim(fed, position, axis=1, keepdims=True)  # [B, 1]
+    b, p = tokens.shape[0], cache.prompt_k[0].shape[2]
+    cos, sin = rope_cos_sin(state.lengths[:, None] + position, cfg.head_dim, cfg.rope_theta,
+                            cfg.compute_dtype)
+    attend = functools.partial(
+        _cached_attention, prompt_valid=jnp.arange(p)[None] >= (p - state.lengths)[:, None],
+        decoded_valid=jnp.arange(spec.max_new_tokens) < position, scale=cfg.head_dim ** -0.5)
 
-    def layer_fn(layer, x, cached):
-        x, (k, v) = _layer(layer, x, cos, sin, functools.partial(attend, cached=cached))
-        return x, (k[:, 0], v[:, 0])
+    def run_step(t, carry):
+        h, exited, exit_step, policy_state, steps = carry
 
-    def run_step(carry):
-        t, h, exited, exit_step, policy_state, kbuf, vbuf, logit_buf = carry
-        decoded_k, decoded_v = cache.decoded(t)
-        h_new, (k, v) = _map_layers(model, layer_fn, h,
-                                    (cache.prompt_k[t], cache.prompt_v[t], decoded_k, decoded_v))
+        def layer_fn(layer, x, i):
+            cached = (*cache.prompt(t, i), *cache.decoded(t, i))
+            x, (k, v) = _layer(layer, x, cos, sin, functools.partial(attend, cached=cached))
+            return x, (k[:, 0], v[:, 0])
+
+        h_new, (k, v) = _apply_layers(layers, layer_fn, h)
         h_new = model.norm(h_new)
         exit_now, policy_state = spec.policy.update(policy_state, t, h_new[:, 0],
                                                     model.gate_logit(h_new)[:, 0], threshold)
         running = ~exited
-        if logit_buf is not None:
-            logit_buf = logit_buf.at[t].set(model.logits(h_new)[:, 0])
-        return (t + 1, jnp.where(running[:, None, None], h_new, h), exited | exit_now,
-                jnp.where(running, t, exit_step), policy_state, kbuf.at[t].set(k), vbuf.at[t].set(v),
-                logit_buf)
+        carry = (jnp.where(running[:, None, None], h_new, h), exited | exit_now,
+                 jnp.where(running, t, exit_step), policy_state, steps + 1)
+        return carry, (jnp.stack(k), jnp.stack(v), model.logits(h_new)[:, 0] if spec.step_logits else None)
 
     x = model.embed(tokens)
-    kv_shape = (t_max, cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim)
-    kbuf = jnp.zeros(kv_shape, cache.prompt_k.dtype)
-    logit_buf = jnp.zeros((t_max, b, cfg.vocab_size), jnp.float32) if spec.step_logits else None
-    carry = (jnp.int32(0), x, state.done, jnp.zeros((b,), jnp.int32), spec.policy.init(x[:, 0]),
-             kbuf, kbuf, logit_buf)
-    steps, h, _, exit_step, _, kbuf, vbuf, logit_buf = jax.lax.while_loop(
-        lambda c: (c[0] < t_max) & ~jnp.all(c[2]), run_step, carry)
-    if logit_buf is not None:
-        logit_buf = fill_skipped(logit_buf, exit_step, 1)
-    return model.logits(h)[:, 0], exit_step, kbuf, vbuf, steps, logit_buf
+    carry = (x, state.done, jnp.zeros((b,), jnp.int32), spec.policy.init(x[:, 0]), jnp.int32(0))
+    kv_zeros = jnp.zeros((cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim), x.dtype)
+    skipped = (kv_zeros, kv_zeros, jnp.zeros((b, cfg.vocab_size), jnp.float32) if spec.step_logits else None)
+    outputs = []
+    for t in range(spec.policy.num_steps):
+        # Some row is unfinished (else the token loop has stopped), so step 0 always runs, and so does
+        # every step of the "fixed" policy, which exits no row early: no cond (and its cost) there.
+        if t == 0 or spec.policy.kind == "fixed":
+            carry, out = run_step(t, carry)
+        else:
+            carry, out = jax.lax.cond(jnp.all(carry[1]), lambda c: (c, skipped),
+                                      functools.partial(run_step, t), carry)
+        outputs.append(out)
+    h, _, exit_step, _, steps = carry
+    k, v, step_logits = (None if per_step[0] is None else jnp.stack(per_step)
+                         for per_step in zip(*outputs, strict=True))
+    if step_logits is not None:
+        step_logits = fill_skipped(step_logits, exit_step, 1)
+    return model.logits(h)[:, 0], exit_step, k, v, steps, step_logits
 
 
 def _decode(graphdef, spec: DecodeSpec, params, state: DecodeState, knobs: Knobs) -> DecodeState:
     """Generate tokens 1..M-1 (`lax.while_loop`, stops early once every row is done)."""
     model = nnx.merge(graphdef, params)
-    stop = jnp.asarray(spec.stop_tokens, jnp.int32)
+    layers = _fused_layers(model)
 
     def body(s: DecodeState) -> DecodeState:
-        logits, exit_step, k, v, steps, step_logits = _decode_token(model, spec, s, knobs.threshold)
+        logits, exit_step, k, v, steps, step_logits = _decode_token(model, layers, spec, s, knobs.threshold)
         token = sample(logits, s.keys, s.index, greedy=spec.greedy, temperature=knobs.temperature,
                        top_k=spec.top_k, top_p=knobs.top_p if spec.top_p else None)
         token = jnp.where(s.done, spec.pad_id, token)
         exit_step = jnp.where(s.done, -1, exit_step)
-        if spec.on_token is not None:
-            io_callback(spec.on_token, None, s.index, token, exit_step, s.done, ordered=True)
+        if spec.stream:
+            io_callback(_emit, None, knobs.stream_id, s.index, token, exit_step, s.done, ordered=True)
         return s.replace(
             index=s.index + 1,
             tokens=s.tokens.at[:, s.index].set(token),
             exit_steps=s.exit_steps.at[:, s.index].set(exit_step),
-            done=s.done | jnp.isin(token, stop),
+            done=s.done | jnp.isin(token, knobs.stop_tokens),
             cache=s.cache.write(s.index - 1, k, v, exit_step),
             loop_steps=s.loop_steps + steps,
             step_logits=None if step_logits is None else s.step_logits.at[s.index].set(step_logits))
@@ -313,7 +373,8 @@ def _decode(graphdef, spec: DecodeSpec, params, state: DecodeState, knobs: Knobs
 @functools.lru_cache(maxsize=32)
 def _compile(fn, graphdef, spec: DecodeSpec, treedef, leaves):
     args = jax.tree.unflatten(treedef, leaves)
-    return jax.jit(fn, static_argnums=(0, 1)).lower(graphdef, spec, *args).compile()
+    donate = (3,) if fn is _decode else ()  # the decode loop updates the prefill's cache in place
+    return jax.jit(fn, static_argnums=(0, 1), donate_argnums=donate).lower(graphdef, spec, *args).compile()
 
 
 def _run(fn, graphdef, spec, *args):
@@ -338,6 +399,13 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray
     return ids, lengths
 
 
+def _padded(stop_tokens: Sequence[int]) -> list[int]:
+    """Stop ids padded with -1 (matches no token) to a multiple of 8, so stop sets share compilations."""
+    ids = [int(t) for t in stop_tokens]
+    size = max(8, -(-len(ids) // 8) * 8)
+    return ids + [-1] * (size - len(ids))
+
+
 def _policy(num_steps, exit_threshold, exit_at_step, exit_policy, hidden_delta_eps):
     """(ExitPolicy, threshold) from generate's exit arguments, validated."""
     if exit_policy not in EXIT_POLICIES:
@@ -351,7 +419,8 @@ def _policy(num_steps, exit_threshold, exit_at_step, exit_policy, hidden_delta_e
         return ExitPolicy("fixed", exit_at_step + 1), 0.0
     if exit_policy == "hidden_delta":
         if exit_threshold is not None:
-            raise ValueError("exit_threshold is the gate's q; exit_policy='hidden_delta' uses hidden_delta_eps")
+            raise ValueError("exit_threshold is the gate's q; exit_policy='hidden_delta' uses "
+                             "hidden_delta_eps")
         if not hidden_delta_eps > 0:
             raise ValueError(f"hidden_delta_eps={hidden_delta_eps} must be > 0")
         return ExitPolicy("hidden_delta", num_steps), hidden_delta_eps
@@ -381,6 +450,7 @@ def generate(
     pad_id: int = 0,
     output_step_logits: bool = False,
     on_token: Callable | None = None,
+    forced_tokens=None,
 ) -> GenerateOutput:
     """Generate `max_new_tokens` tokens per row with a KV cache and per-token adaptive depth.
 
@@ -398,7 +468,13 @@ def generate(
         one per row; see `sampling.py`).
       stop_tokens: a row stops after generating one of these (kept in its output), then gets `pad_id`.
       output_step_logits: also return every loop step's logits of every token (for analysis/tests).
-      on_token: streaming callback, see `DecodeSpec`.
+      on_token: streaming callback, on_token(index, tokens [B], exit_steps [B], done [B]) with numpy
+        arguments for every generated token index, in order; `done` marks rows that had already
+        stopped (their token is pad_id). Changing it never recompiles.
+      forced_tokens: [B, M] teacher forcing: the decode loop feeds forced_tokens[:, i] back as token i
+        instead of the generated one (the last column is never fed). `tokens` are still the model's
+        own choices, so token i + 1 is its prediction after prompt + forced_tokens[:, :i + 1]: scoring
+        a known continuation with the same cache and adaptive depth as generation.
     """
     cfg = model.config
     ids = np.asarray(input_ids)
@@ -423,18 +499,30 @@ def generate(
     greedy = temperature == 0
     spec = DecodeSpec(policy=policy, kv_sharing=kv_sharing, max_new_tokens=max_new_tokens, greedy=greedy,
                       top_k=None if greedy else top_k, top_p=not greedy and top_p is not None,
-                      stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=pad_id,
-                      step_logits=output_step_logits, on_token=on_token)
+                      pad_id=pad_id, step_logits=output_step_logits, stream=on_token is not None)
+    stream_id = next(_stream_ids)
     knobs = Knobs(*(jnp.float32(x) for x in (threshold, temperature if not greedy else 1.0,
-                                              1.0 if top_p is None else top_p)))
+                                              1.0 if top_p is None else top_p)),
+                  stop_tokens=jnp.asarray(_padded(stop_tokens), jnp.int32), stream_id=jnp.int32(stream_id))
     seeds = np.broadcast_to(np.asarray(seed, np.uint32), (b,))
     graphdef, params = nnx.split(model)
 
+    if forced_tokens is not None:
+        forced_tokens = np.asarray(forced_tokens)
+        if forced_tokens.shape != (b, max_new_tokens) or forced_tokens.min() < 0 or (
+                forced_tokens.max() >= cfg.vocab_size):
+            raise ValueError(f"forced_tokens must be [{b}, {max_new_tokens}] ids in [0, {cfg.vocab_size})")
+        forced_tokens = jnp.asarray(forced_tokens, jnp.int32)
     state, prefill_s, compile_prefill = _run(_prefill, graphdef, spec, params, jnp.asarray(ids, jnp.int32),
-                                             jnp.asarray(lengths), row_keys(jnp.asarray(seeds)), knobs)
+                                             jnp.asarray(lengths), row_keys(jnp.asarray(seeds)),
+                                             forced_tokens, knobs)
     if on_token is not None:
         on_token(0, np.asarray(state.tokens[:, 0]), np.asarray(state.exit_steps[:, 0]), np.zeros(b, bool))
-    state, decode_s, compile_decode = _run(_decode, graphdef, spec, params, state, knobs)
+        _STREAMS[stream_id] = on_token
+    try:
+        state, decode_s, compile_decode = _run(_decode, graphdef, spec, params, state, knobs)
+    finally:
+        _STREAMS.pop(stream_id, None)
 
     tokens, exit_steps = np.asarray(state.tokens), np.asarray(state.exit_steps)
     generated = exit_steps >= 0
@@ -449,4 +537,4 @@ def generate(
         cache_bytes=state.cache.nbytes())
     step_logits = None if state.step_logits is None else np.asarray(state.step_logits).transpose(2, 0, 1, 3)
     return GenerateOutput(tokens=tokens, exit_steps=exit_steps, lengths=generated.sum(1).astype(np.int32),
-                          stats=stats, step_logits=step_logits)
+                          stats=stats, cache=state.cache, step_logits=step_logits)

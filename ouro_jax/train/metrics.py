@@ -46,7 +46,7 @@ class MetricsWriter:
         from tensorboardX import SummaryWriter
 
         self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+        self.file = open(self.path, "a")  # closed in close()
 
     def _truncate_after(self, step: int) -> None:
         if not os.path.exists(self.path):

@@ -1,0 +1,310 @@
+"""ouro_jax.inference: cached decoding is exact, exit policies, KV sharing, ragged batches, stopping,
+parity with the PyTorch export's `generate`, step skipping, and the CLI."""
+
+import dataclasses
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from ouro_jax import generate as cli
+from ouro_jax.convert.hf import to_torch
+from ouro_jax.inference import generate, left_pad
+from ouro_jax.model import exits
+from ouro_jax.model.config import tiny
+from ouro_jax.model.ouro import Ouro
+
+ROWS = ([5, 17, 3], [9, 8, 7, 6, 5, 4, 3, 2], [40, 41, 42, 43, 44])
+NEW = 6
+Q = 0.3  # a Q-exit threshold at which the test model's tokens exit at steps 0, 1 and 2
+
+
+def _model(**overrides) -> Ouro:
+    """A tiny Ouro whose exit gate is sharp enough that tokens exit at different steps."""
+    model = Ouro(tiny(**overrides), rngs=nnx.Rngs(0))
+    model.early_exit_gate.kernel[...] = model.early_exit_gate.kernel[...] * 12
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return left_pad(ROWS)
+
+
+@nnx.jit
+def _forward(model, ids):
+    out = model(ids)
+    return out.logits, out.gate_logits
+
+
+def _full_forward(model, tokens) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every step's logits [M, T, V] and gate logits [M, T] for each generated token of each row of
+    ROWS, from one uncached forward over prompt + `tokens` [B, M] (the tokens fed back). Rows are
+    right-padded to one length, which causal attention makes invisible to the real positions."""
+    seqs = [list(row) + [int(t) for t in tokens[b]] for b, row in enumerate(ROWS)]
+    ids = np.zeros((len(seqs), max(map(len, ROWS)) + NEW), np.int32)
+    for b, seq in enumerate(seqs):
+        ids[b, :len(seq)] = seq
+    logits, gates = (np.asarray(x) for x in _forward(model, jnp.asarray(ids)))  # [T, B, S, ...]
+    at = lambda b: slice(len(ROWS[b]) - 1, len(ROWS[b]) - 1 + tokens.shape[1])
+    return [(logits[:, b, at(b)].transpose(1, 0, 2), gates[:, b, at(b)].T) for b in range(len(ROWS))]
+
+
+def _full_forward_logits(model, tokens) -> list[np.ndarray]:
+    return [logits for logits, _ in _full_forward(model, tokens)]
+
+
+def test_cached_decoding_equals_full_forward_at_every_step(model, batch):
+    ids, lengths = batch
+    out = generate(model, ids, NEW, prompt_lengths=lengths, output_step_logits=True)
+    assert (out.exit_steps == model.config.total_ut_steps - 1).all()
+    for b, reference in enumerate(_full_forward_logits(model, out.tokens)):
+        np.testing.assert_allclose(out.step_logits[b], reference, atol=1e-5, rtol=0)
+        # greedy: each token is the argmax of the last step given the prefix
+        np.testing.assert_array_equal(out.tokens[b], reference[:, -1].argmax(-1))
+
+
+def test_forced_tokens_score_a_given_continuation(model, batch):
+    ids, lengths = batch
+    forced = np.random.default_rng(0).integers(0, model.config.vocab_size, (len(ROWS), NEW))
+    out = generate(model, ids, NEW, prompt_lengths=lengths, forced_tokens=forced, output_step_logits=True)
+    for b, reference in enumerate(_full_forward_logits(model, forced)):
+        np.testing.assert_allclose(out.step_logits[b], reference, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(out.tokens[b], reference[:, -1].argmax(-1))
+
+
+def test_exit_threshold_one_equals_full_depth(model, batch):
+    ids, lengths = batch
+    full = generate(model, ids, NEW, prompt_lengths=lengths)
+    q1 = generate(model, ids, NEW, prompt_lengths=lengths, exit_threshold=1.0)
+    np.testing.assert_array_equal(q1.tokens, full.tokens)
+    np.testing.assert_array_equal(q1.exit_steps, full.exit_steps)
+    assert q1.stats.loop_steps == full.stats.loop_steps == full.stats.loop_steps_full
+
+
+def test_q_exit_follows_the_gate_cdf(model, batch):
+    """The first two tokens see only exact K/V (the prompt's and their own), so their exit steps are
+    `exits.q_exit_step` of the gate logits of an uncached forward."""
+    ids, lengths = batch
+    out = generate(model, ids, NEW, prompt_lengths=lengths, exit_threshold=Q)
+    for b, (_, gates) in enumerate(_full_forward(model, out.tokens)):
+        expected = exits.q_exit_step(jnp.asarray(gates[:2].T), Q)
+        np.testing.assert_array_equal(out.exit_steps[b, :2], np.asarray(expected))
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_exit_at_step_uses_step_k_and_computes_no_further(model, batch, k):
+    ids, lengths = batch
+    out = generate(model, ids, NEW, prompt_lengths=lengths, exit_at_step=k, output_step_logits=True)
+    assert (out.exit_steps == k).all()
+    assert out.step_logits.shape[2] == k + 1  # steps after k do not exist
+    assert out.stats.loop_steps == (k + 1) * (NEW - 1)
+    for b, reference in enumerate(_full_forward_logits(model, out.tokens)):
+        reference = reference[:, :k + 1]
+        np.testing.assert_allclose(out.step_logits[b], reference, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(out.tokens[b], reference[:, k].argmax(-1))
+
+
+def test_kv_sharing_stores_one_entry_per_layer_for_decoded_tokens(model, batch):
+    ids, lengths = batch
+    kwargs = dict(prompt_lengths=lengths, exit_threshold=Q)
+    outs = {s: generate(model, ids, NEW, kv_sharing=s, **kwargs) for s in ("none", "last", "average")}
+    none = outs["none"].stats.cache_bytes
+    t, n = model.config.total_ut_steps, model.config.num_hidden_layers
+    for sharing in ("last", "average"):
+        nbytes = outs[sharing].stats.cache_bytes
+        assert nbytes["prompt"] == none["prompt"]
+        assert nbytes["decoded"] * t == none["decoded"]
+        assert len(outs[sharing].cache.decode_k) == n and len(outs["none"].cache.decode_k) == t * n
+    # The first decoded token sees the same prompt cache in every mode, so its shared entry is its
+    # K/V at its exit step ("last") or the mean over the steps it executed ("average").
+    exit_step = outs["none"].exit_steps[:, 1]
+    assert len(set(exit_step.tolist())) > 1  # rows exit at different steps
+    for layer in range(n):
+        per_step = np.stack([np.asarray(outs["none"].cache.decode_k[s * n + layer][:, :, 0])
+                             for s in range(t)])  # [T, B, K, H]
+        last = np.asarray(outs["last"].cache.decode_k[layer][:, :, 0])
+        average = np.asarray(outs["average"].cache.decode_k[layer][:, :, 0])
+        for b, e in enumerate(exit_step):
+            np.testing.assert_allclose(last[b], per_step[e, b], atol=1e-6)
+            np.testing.assert_allclose(average[b], per_step[:e + 1, b].mean(0), atol=1e-6)
+            # skipped steps hold a copy of the exit step's K/V
+            for skipped in per_step[e + 1:, b]:
+                np.testing.assert_array_equal(skipped, per_step[e, b])
+
+
+def test_kv_sharing_with_one_loop_step_equals_no_sharing(batch):
+    """With T = 1 the shared entry is the only step's K/V ("average" of one step is the same entry,
+    see the semantics test above)."""
+    model = _model(total_ut_steps=1)
+    ids, lengths = batch
+    none, last = (generate(model, ids, NEW, prompt_lengths=lengths, kv_sharing=s, output_step_logits=True)
+                  for s in ("none", "last"))
+    np.testing.assert_array_equal(last.tokens, none.tokens)
+    np.testing.assert_allclose(last.step_logits, none.step_logits, atol=1e-6)
+    assert last.stats.cache_bytes == none.stats.cache_bytes
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(exit_threshold=Q, kv_sharing="last"),
+    dict(temperature=0.8, top_k=20, top_p=0.9, seed=7, exit_policy="hidden_delta", hidden_delta_eps=0.9,
+         kv_sharing="average"),
+])
+def test_ragged_batch_equals_each_row_alone(model, batch, kwargs):
+    """Also: rows that exit early keep their exit-step state, exactly as when generated alone."""
+    ids, lengths = batch
+    out = generate(model, ids, NEW, prompt_lengths=lengths, **kwargs)
+    assert len(set(out.exit_steps.ravel().tolist())) > 1  # rows really exit early, unevenly
+    for b in (0, 2):  # the shortest and a middle-length row
+        alone = generate(model, np.asarray([ROWS[b]]), NEW, **kwargs)
+        np.testing.assert_array_equal(out.tokens[b], alone.tokens[0])
+        np.testing.assert_array_equal(out.exit_steps[b], alone.exit_steps[0])
+
+
+def test_sampling_depends_on_seed_and_reproduces(model, batch):
+    ids, lengths = batch
+    kwargs = dict(prompt_lengths=lengths, temperature=0.8, top_k=20, top_p=0.9,
+                  exit_policy="hidden_delta", hidden_delta_eps=0.9, kv_sharing="average")
+    a, b = generate(model, ids, NEW, seed=1, **kwargs), generate(model, ids, NEW, seed=1, **kwargs)
+    c = generate(model, ids, NEW, seed=2, **kwargs)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert (a.tokens != c.tokens).any()
+
+
+def test_stop_tokens_stop_rows_independently(model, batch):
+    ids, lengths = batch
+    free = generate(model, ids, NEW, prompt_lengths=lengths, pad_id=0).tokens
+    stop = int(free[0, 2])  # row 0 stops at index 2 (or earlier if the token repeats)
+    out = generate(model, ids, NEW, prompt_lengths=lengths, stop_tokens=(stop,), pad_id=0)
+    stopped = 0
+    for b in range(len(ROWS)):
+        hits = np.flatnonzero(free[b] == stop)
+        length = hits[0] + 1 if hits.size else NEW
+        stopped += length < NEW
+        assert out.lengths[b] == length
+        np.testing.assert_array_equal(out.tokens[b, :length], free[b, :length])
+        assert (out.tokens[b, length:] == 0).all() and (out.exit_steps[b, length:] == -1).all()
+    assert 0 < stopped  # at least row 0 stopped early ...
+    assert (out.lengths == NEW).any() or stopped == len(ROWS)  # ... while others may run on
+
+
+def test_decode_stops_when_all_rows_are_done(model):
+    ids = np.asarray([ROWS[0]])
+    free = generate(model, ids, NEW).tokens[0]
+    stop = int(free[1])
+    out = generate(model, ids, NEW, stop_tokens=(stop,))
+    length = int(np.flatnonzero(free == stop)[0]) + 1
+    assert out.lengths[0] == length < NEW
+    # the decode loop ran only for the tokens before the stop token
+    assert out.stats.loop_steps == (length - 1) * model.config.total_ut_steps
+
+
+def test_early_exit_skips_loop_steps(model, batch):
+    ids, lengths = batch
+    out = generate(model, ids, NEW, prompt_lengths=lengths, exit_threshold=Q)
+    full = generate(model, ids, NEW, prompt_lengths=lengths)
+    assert out.stats.loop_steps < full.stats.loop_steps == full.stats.loop_steps_full
+    # a decode iteration runs until the deepest row of the batch has exited
+    assert out.stats.loop_steps == int((out.exit_steps[:, 1:].max(0) + 1).sum())
+    assert out.stats.mean_depth == pytest.approx(out.exit_steps.mean() + 1)
+    alone = generate(model, np.asarray([ROWS[0]]), NEW, exit_threshold=Q, kv_sharing="last")
+    assert alone.stats.loop_steps == int((alone.exit_steps[0, 1:] + 1).sum()) < alone.stats.loop_steps_full
+
+
+@pytest.mark.parametrize("exit_kwargs", [{}, {"exit_at_step": 1}])
+def test_greedy_matches_pytorch_export_generate(model, batch, exit_kwargs):
+    ids, lengths = batch
+    torch_model = to_torch(model)
+    mask = torch.tensor((np.arange(ids.shape[1])[None] >= (ids.shape[1] - lengths)[:, None]).astype(np.int64))
+    gen = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0, **exit_kwargs)
+    with torch.no_grad():
+        batched = torch_model.generate(torch.tensor(ids, dtype=torch.long), attention_mask=mask, **gen)
+        singles = [torch_model.generate(torch.tensor([row]), **gen)[0, len(row):] for row in ROWS]
+    ours = generate(model, ids, NEW, prompt_lengths=lengths, **exit_kwargs).tokens
+    np.testing.assert_array_equal(ours, batched[:, ids.shape[1]:].numpy())
+    for b in range(len(ROWS)):
+        np.testing.assert_array_equal(ours[b], singles[b].numpy())
+
+
+def test_invalid_arguments_raise(model, batch):
+    ids, lengths = batch
+    for kwargs in (dict(exit_threshold=1.5), dict(exit_at_step=4), dict(kv_sharing="first"),
+                   dict(exit_at_step=1, exit_threshold=0.5), dict(top_p=0.0, temperature=1.0),
+                   dict(prompt_lengths=[0, 1, 2]), dict(exit_policy="entropy")):
+        with pytest.raises(ValueError):
+            generate(model, ids, NEW, **{"prompt_lengths": lengths, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A tiny model over the Ouro vocabulary (49152 tokens) saved as an ouro_jax run directory and as a
+    Hugging Face directory."""
+    import orbax.checkpoint as ocp
+
+    from ouro_jax.convert.pretrained import save_pretrained
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    model = Ouro(tiny(vocab_size=49152), rngs=nnx.Rngs(1))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.fspath(root / "run" / "checkpoints" / "0" / "params"),
+                          nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    (root / "run" / "config.json").write_text(json.dumps({"model": dataclasses.asdict(model.config)}))
+    save_pretrained(model, root / "hf", dtype="float32", tokenizer="ouro")
+    return root, model
+
+
+@pytest.mark.parametrize("source", ["run", "hf"])
+def test_cli_streams_text_and_reports_depth(checkpoints, source, capsys):
+    from ouro_jax import tokenizer as tok
+
+    root, model = checkpoints
+    assert cli.main([f"--model={root / source}", "--prompt=Hello", "--chat", "--max_new_tokens=5",
+                     "--exit_threshold=0.9", "--kv_sharing=last"]) == 0
+    out = capsys.readouterr().out
+    text, report = out.rsplit("\n\n", 1)
+    assert "mean depth" in report and f"of {model.config.total_ut_steps} loops" in report
+    tokenizer = tok.load("ouro")
+    ids = tok.encode_chat(tokenizer, [{"role": "user", "content": "Hello"}])
+    expected = generate(model, [ids], 5, exit_threshold=0.9, kv_sharing="last", stop_tokens=tok.STOP_IDS)
+    kept = [int(t) for t in expected.tokens[0, :expected.lengths[0]] if int(t) not in tok.STOP_IDS]
+    assert text == tokenizer.decode(kept)
+
+
+def _exit_code(args) -> int:
+    try:
+        return cli.main(args)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model=/nonexistent", "--prompt=x"], "no such directory"),
+    (["--prompt=x"], "--model"),
+    (["--model=.", "--prompt=x", "--kv_sharing=first"], "kv_sharing"),
+])
+def test_cli_bad_input_is_one_line_and_exit_code_1(args, message, capsys):
+    assert _exit_code(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and message in err
+
+
+def test_cli_rejects_a_tokenizer_larger_than_the_vocabulary(tmp_path, capsys):
+    import orbax.checkpoint as ocp
+
+    model = Ouro(tiny(), rngs=nnx.Rngs(0))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.fspath(tmp_path / "checkpoints" / "0" / "params"),
+                          nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    (tmp_path / "config.json").write_text(json.dumps({"model": dataclasses.asdict(model.config)}))
+    assert cli.main([f"--model={tmp_path}", "--prompt=hi"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "vocab_size 128" in err
