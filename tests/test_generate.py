@@ -11,9 +11,8 @@ import pytest
 import torch
 from flax import nnx
 
-from ouro_jax import generate as cli
 from ouro_jax.convert.hf import to_torch
-from ouro_jax.inference import generate, left_pad
+from ouro_jax.inference import cli, generate, left_pad
 from ouro_jax.model import exits
 from ouro_jax.model.config import tiny
 from ouro_jax.model.ouro import Ouro
