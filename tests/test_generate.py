@@ -154,6 +154,7 @@ def test_kv_sharing_with_one_loop_step_equals_no_sharing(batch):
 
 
 @pytest.mark.parametrize("kwargs", [
+    dict(exit_threshold=Q),  # kv_sharing "none": skipped steps' slots hold copies of the exit step's K/V
     dict(exit_threshold=Q, kv_sharing="last"),
     dict(temperature=0.8, top_k=20, top_p=0.9, seed=7, exit_policy="hidden_delta", hidden_delta_eps=0.9,
          kv_sharing="average"),
