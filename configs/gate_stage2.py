@@ -9,7 +9,9 @@ loss-improvement targets (k = 50, gamma = 0.005).
 The variant names the model the checkpoint holds: `demo` (configs/demo.py) or `ouro_1p4b` /
 `ouro_2p6b` (released shapes, trained on text shards). Stage II data, steps and LR are not published;
 these are our choices. `--config.objective.pairing=next` supervises each step's gate with the
-improvement of the next step instead of the printed pairing.
+improvement of the next step instead of the printed pairing. On the demo (1500 steps) the printed
+pairing taught the gate to exit at step 1 for 67 % of tokens (where accuracy is 30 %); `next` gave a
+usable gate (Q-exit q = 0.5: 99.5 % answer accuracy at 3.05 loops; README, "Measured").
 """
 
 from configs import demo
