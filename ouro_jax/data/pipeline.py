@@ -57,13 +57,13 @@ import grain
 import ml_collections
 import numpy as np
 
+from ouro_jax import tokenizer as tok
 from ouro_jax.data.tasks import TASKS
 
 FEATURES = ("input_ids", "targets", "loss_mask", "answer_mask")  # packed per document
 BATCH_KEYS = (*FEATURES, "segment_ids", "positions")
 SOURCES = ("text", "array_record", *TASKS)
 TRAIN, HELDOUT = 0, 1  # task streams
-EOS_TOKEN = "<|endoftext|>"
 _SPLIT_SEED = 20251028  # fixes the held-out documents of a corpus independently of the training seed
 
 
@@ -181,18 +181,11 @@ def _jsonl_documents(lines, path: str, field: str, group_by) -> list[str]:
     return docs
 
 
-def load_tokenizer(name_or_path: str):
-    """`ouro_jax.tokenizer.load`: "ouro" (bundled) or a tokenizer.json path; one-line errors."""
-    from ouro_jax import tokenizer
-
-    return tokenizer.load(name_or_path)
-
-
 def resolve_eos_id(tokenizer, eos_id: int | None = None) -> int:
     """`eos_id`, or the tokenizer's <|endoftext|> id."""
-    eos_id = tokenizer.token_to_id(EOS_TOKEN) if eos_id is None else eos_id
+    eos_id = tokenizer.token_to_id(tok.ENDOFTEXT) if eos_id is None else eos_id
     if eos_id is None or not 0 <= eos_id < tokenizer.get_vocab_size():
-        raise ValueError(f"tokenizer has no {EOS_TOKEN} token and data.eos_id is not set to a valid id")
+        raise ValueError(f"tokenizer has no {tok.ENDOFTEXT} token and data.eos_id is not set to a valid id")
     return eos_id
 
 
@@ -231,7 +224,7 @@ def heldout_split(num_docs: int, fraction: float) -> tuple[np.ndarray, np.ndarra
 def _documents(cfg, split: int) -> grain.MapDataset:
     """The training or held-out documents of a finite corpus: MapDataset of token ids [L] int32."""
     if cfg.source == "text":
-        tokenizer = load_tokenizer(cfg.tokenizer)
+        tokenizer = tok.load(cfg.tokenizer)
         eos_id = resolve_eos_id(tokenizer, cfg.eos_id)
         to_tokens = functools.partial(tokenize, tokenizer=tokenizer, eos_id=eos_id)
         source = read_documents(cfg.text.files, field=cfg.text.field, group_by=cfg.text.group_by,

@@ -22,7 +22,8 @@ import tempfile
 import numpy as np
 from absl import app, flags
 
-from ouro_jax.data.pipeline import load_tokenizer, read_documents, resolve_eos_id
+from ouro_jax import tokenizer as tok_lib
+from ouro_jax.data.pipeline import read_documents, resolve_eos_id
 
 
 def prepare(input_files, tokenizer: str, output: str, *, field: str = "text", group_by=None,
@@ -35,7 +36,7 @@ def prepare(input_files, tokenizer: str, output: str, *, field: str = "text", gr
         raise FileExistsError(f"{output} exists and is not an empty directory (--overwrite replaces it)")
     if shard_docs < 1:
         raise ValueError(f"--shard_docs must be positive, got {shard_docs}")
-    tok = load_tokenizer(tokenizer)
+    tok = tok_lib.load(tokenizer)
     eos_id = resolve_eos_id(tok, eos_id)
     docs = read_documents(input_files, field=field, group_by=group_by, what="--input")
     if not docs:
