@@ -2,8 +2,8 @@
 
 Steps are 0-based (t = 0 is the first loop). After step t a row exits when:
   "fixed"         t == num_steps - 1: full depth, or step k with `exit_at_step=k` (num_steps = k+1);
-  "gate"          Q-exit: CDF(t) >= q, i.e. log S_t <= log(1 - q) with the survival S_t = prod_{j<=t}
-                  (1 - lambda_j), lambda_j = sigmoid(gate_j) — the comparison of `exits.q_exit_step`,
+  "gate"          Q-exit: CDF(t) >= q on the survival S_t = prod_{j<=t} (1 - lambda_j),
+                  lambda_j = sigmoid(gate_j), tested by `exits.cdf_reaches` as in `exits.q_exit_step`,
                   so q = 1 never exits before the last step and q = 0 always exits at step 0;
   "hidden_delta"  training-free: t >= 1 and ||h_t - h_{t-1}|| / ||h_{t-1}|| < eps, with h_t the normed
                   state after step t (step 0 has no previous loop state and never exits this way).
@@ -16,6 +16,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from ouro_jax.model import exits
 
 KINDS = ("fixed", "gate", "hidden_delta")
 
@@ -43,7 +45,7 @@ class ExitPolicy:
         hidden = hidden.astype(jnp.float32)
         exit_now = jnp.asarray(step) == self.num_steps - 1
         if self.kind == "gate":
-            exit_now = exit_now | (log_survival <= jnp.log1p(-threshold))
+            exit_now = exit_now | exits.cdf_reaches(log_survival, threshold)
         elif self.kind == "hidden_delta":
             change = jnp.linalg.norm(hidden - previous, axis=-1)
             exit_now = exit_now | ((step > 0) & (change < threshold * jnp.linalg.norm(previous, axis=-1)))

@@ -47,14 +47,18 @@ def exit_cdf(gate_logits: jax.Array) -> jax.Array:
     return cdf.at[-1].set(1.0)
 
 
-def q_exit_step(gate_logits: jax.Array, q: float | jax.Array) -> jax.Array:
-    """Q-exit: the first step (0-based) whose CDF >= q; the last step when none before it is.
+def cdf_reaches(log_surv: jax.Array, q: float | jax.Array) -> jax.Array:
+    """The Q-exit test on log S_n (any shape) -> bool: CDF(n) >= q, compared in survival space
+    (CDF(n) >= q  <=>  log S_n <= log(1 - q)), which is exact at the edges: q <= 0 always holds,
+    q = 1 never holds (S_n > 0)."""
+    return log_surv <= jnp.log1p(-jnp.asarray(q, jnp.float32))
 
-    Compared in survival space (CDF(n) >= q  <=>  log S_n <= log(1 - q)), which is exact at the
-    edges: q <= 0 exits at step 0, q = 1 always uses the last step. [T, ...] -> int32 [...].
+
+def q_exit_step(gate_logits: jax.Array, q: float | jax.Array) -> jax.Array:
+    """Q-exit: the first step (0-based) whose CDF >= q (`cdf_reaches`); the last step when none before
+    it is, so q <= 0 exits at step 0 and q = 1 always uses the last step. [T, ...] -> int32 [...].
     """
-    log_surv = log_survival(gate_logits)[:-1]
-    reached = log_surv <= jnp.log1p(-jnp.asarray(q, jnp.float32))
+    reached = cdf_reaches(log_survival(gate_logits)[:-1], q)
     num_steps = gate_logits.shape[0]
     return jnp.where(jnp.any(reached, axis=0), jnp.argmax(reached, axis=0),
                      num_steps - 1).astype(jnp.int32)
