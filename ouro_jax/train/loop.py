@@ -114,9 +114,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     stage = resolved.objective["stage"]
     tx = optim.make_optimizer(resolved.optimizer, config.total_steps, abstract_params, stage)
     trainable = optim.trainable_mask(abstract_params, stage)
-    init = jax.jit(init_fn(model_factory, tx, config.seed, param_shardings))
-    state_shardings = init.lower().compile().output_shardings
-    abstract_train_state = abstract_like(jax.eval_shape(init), state_shardings)
+    init = jax.jit(init_fn(model_factory, tx, config.seed, param_shardings)).lower().compile()
+    state_shardings = init.output_shardings
+    abstract_train_state = abstract_like(init.out_info, state_shardings)
 
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                 max_to_keep=config.max_checkpoints_to_keep or None,
