@@ -3,11 +3,12 @@
 Public API:
   OuroConfig, Ouro, OuroOutput, num_params   the model (ouro_jax.model)
   exits                                      exit distribution and exit policies
-  objective                                  Stage I / Stage II losses and per-step metrics
+  objective                                  Stage I / Stage II losses and per-loop metrics
   from_pretrained, save_pretrained           Hugging Face / ouro_jax checkpoints in and out
   generate, left_pad                         KV-cached generation with adaptive exit (ouro_jax.inference)
 
-(`python -m ouro_jax.generate` is the command line; import the function, not that module.)
+Commands (`python -m ouro_jax.<package>`): train, inference (generation), convert (HF export/import),
+data (tokenised shards), evaluate, experiments, aot, benchmarks.
 """
 
 from ouro_jax import objective

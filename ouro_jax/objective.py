@@ -1,15 +1,16 @@
-"""Training objectives of Ouro (ouro_spec.md §6) and the per-step metrics looped models need.
+"""Training objectives of Ouro (arXiv:2510.25741 §3.3-3.4) and the per-loop metrics looped models need.
 
 A batch is a dict of [B, S] arrays: `input_ids`, `targets` (the next token at each position),
 optional `loss_mask` (1 where the target counts), `segment_ids` and `positions` (packed rows).
 
-Stage I   L = sum_t p(t|x) CE_t - beta H(p(.|x)), per token, masked token-mean (§6.1).
+Stage I   L = sum_t p(t|x) CE_t - beta H(p(.|x)), per token, masked token-mean (§3.3, Eq. 4).
+          `weighting="last_loop"` trains only CE_T instead (the plain deep-model baseline; no gate loss).
 Stage II  gate-only BCE of the continuation probability 1 - lambda_t against
-          w_t = sigmoid(k (max(0, CE_{t-1} - CE_t) - gamma)), per-step losses detached, summed over
-          t = 2..T and divided by T as printed (§6.2); the LM receives no gradient.
+          w_t = sigmoid(k (max(0, CE_{t-1} - CE_t) - gamma)), per-loop losses detached, summed over
+          t = 2..T and divided by T as printed (§3.4, Eq. 6); the LM receives no gradient.
 
-Both compute each step's cross-entropy inside the step loop with the LM head recomputed in the
-backward pass, so at most one step of [B, S, V] float32 logits is alive at a time.
+Both compute each loop's cross-entropy inside the loop with the LM head recomputed in the backward
+pass, so at most one loop of [B, S, V] float32 logits is alive at a time. T is the number of loops.
 """
 
 from __future__ import annotations
@@ -38,16 +39,16 @@ def _token_ce_and_correct(model: Ouro, targets: jax.Array):
     return readout
 
 
-def per_step_losses(model: Ouro, batch: Batch, *, num_steps: int | None = None,
+def per_loop_losses(model: Ouro, batch: Batch, *, num_loops: int | None = None,
                     detach_gate_input: bool = False):
-    """Per-token CE of every step without holding T steps of logits.
+    """Per-token CE of every loop without holding T loops of logits.
 
     Returns (ce [T, B, S] float32, correct [T, B, S] bool, gate_logits [T, B, S] float32).
     """
     (ce, correct), gate_logits = model.loop(
         batch["input_ids"], _token_ce_and_correct(model, batch["targets"]),
         positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-        num_steps=num_steps, remat_readout=True, detach_gate_input=detach_gate_input)
+        num_loops=num_loops, remat_readout=True, detach_gate_input=detach_gate_input)
     return ce, correct, gate_logits
 
 
@@ -61,20 +62,22 @@ def _masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(x * mask, axis=(-2, -1)) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def step_metrics(ce, correct, gate_logits, mask) -> Metrics:
-    """Per-step diagnostics, all float32.
+def loop_metrics(ce, correct, gate_logits, mask) -> Metrics:
+    """Per-loop diagnostics, all float32.
 
-    ce_per_step [T] (masked mean CE of each step's LM head), accuracy_per_step [T],
-    exit_pdf_per_step [T] (mean exit probability of each step), entropy (mean H(p)),
-    mean_exit_step (mean of sum_t t p(t), 1-based), num_tokens.
+    ce_per_loop [T] (masked mean CE of each loop's LM head), accuracy_per_loop [T],
+    exit_pdf_per_loop [T] (mean exit probability of each loop), weighted_ce (mean sum_t p(t) CE_t, the
+    expected CE under the exit distribution), entropy (mean H(p)), mean_exit_loop (mean of
+    sum_t t p(t), loops counted from 1), num_tokens.
     """
     pdf = exits.exit_pdf(gate_logits)
     return {
-        "ce_per_step": _masked_mean(ce, mask),
-        "accuracy_per_step": _masked_mean(correct.astype(jnp.float32), mask),
-        "exit_pdf_per_step": _masked_mean(pdf, mask),
+        "ce_per_loop": _masked_mean(ce, mask),
+        "accuracy_per_loop": _masked_mean(correct.astype(jnp.float32), mask),
+        "exit_pdf_per_loop": _masked_mean(pdf, mask),
+        "weighted_ce": _masked_mean(jnp.sum(pdf * ce, axis=0), mask),
         "entropy": _masked_mean(exits.exit_entropy(gate_logits), mask),
-        "mean_exit_step": _masked_mean(exits.expected_exit_step(pdf), mask),
+        "mean_exit_loop": _masked_mean(exits.expected_exit_loop(pdf), mask),
         "num_tokens": jnp.sum(mask),
     }
 
@@ -85,23 +88,31 @@ def stage1_token_loss(ce: jax.Array, gate_logits: jax.Array, beta: float) -> jax
     return jnp.sum(pdf * ce, axis=0) - beta * exits.exit_entropy(gate_logits)
 
 
-def stage1_loss(model: Ouro, batch: Batch, *, beta: float = 0.1,
-                num_steps: int | None = None) -> tuple[jax.Array, Metrics]:
-    """Stage I: exit-pdf-weighted per-step CE minus beta * entropy, masked token mean."""
-    ce, correct, gate_logits = per_step_losses(model, batch, num_steps=num_steps)
+WEIGHTINGS = ("exit_pdf", "last_loop")
+
+
+def stage1_loss(model: Ouro, batch: Batch, *, beta: float = 0.1, weighting: str = "exit_pdf",
+                num_loops: int | None = None) -> tuple[jax.Array, Metrics]:
+    """Stage I: exit-pdf-weighted per-loop CE minus beta * entropy, masked token mean.
+
+    weighting="last_loop" is the baseline that trains only the last loop's CE (beta unused)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting={weighting!r} must be one of {WEIGHTINGS}")
+    ce, correct, gate_logits = per_loop_losses(model, batch, num_loops=num_loops)
     mask = _mask(batch)
-    loss = _masked_mean(stage1_token_loss(ce, gate_logits, beta), mask)
-    return loss, {"loss": loss, **step_metrics(ce, correct, gate_logits, mask)}
+    token_loss = stage1_token_loss(ce, gate_logits, beta) if weighting == "exit_pdf" else ce[-1]
+    loss = _masked_mean(token_loss, mask)
+    return loss, {"loss": loss, **loop_metrics(ce, correct, gate_logits, mask)}
 
 
 def stage2_token_loss(ce: jax.Array, gate_logits: jax.Array, *, k: float = 50.0,
                       gamma: float = 0.005, pairing: str = "printed") -> jax.Array:
-    """Gate BCE per step and token. ce, gate_logits [T, B, S] -> [T-1, B, S] float32.
+    """Gate BCE per loop and token. ce, gate_logits [T, B, S] -> [T-1, B, S] float32.
 
     Improvement I_t = max(0, CE_{t-1} - CE_t) (CE detached), continuation target
     w_t = sigmoid(k (I_t - gamma)), predicted continuation 1 - lambda. `pairing="printed"` supervises
-    the gate of step t (t = 2..T) with I_t, as the paper prints it; `pairing="next"` supervises the
-    gate of step t (t = 1..T-1) with I_{t+1}, the improvement that continuing would bring.
+    the gate of loop t (t = 2..T) with I_t, as the paper prints it; `pairing="next"` supervises the
+    gate of loop t (t = 1..T-1) with I_{t+1}, the improvement that continuing would bring.
     """
     ce = jax.lax.stop_gradient(ce.astype(jnp.float32))
     improvement = jnp.maximum(0.0, ce[:-1] - ce[1:])  # I_2..I_T
@@ -117,14 +128,14 @@ def stage2_token_loss(ce: jax.Array, gate_logits: jax.Array, *, k: float = 50.0,
 
 
 def stage2_loss(model: Ouro, batch: Batch, *, k: float = 50.0, gamma: float = 0.005,
-                pairing: str = "printed", num_steps: int | None = None) -> tuple[jax.Array, Metrics]:
+                pairing: str = "printed", num_loops: int | None = None) -> tuple[jax.Array, Metrics]:
     """Stage II: (1/T) sum_{t=2..T} masked-mean BCE of the gate; gradients reach only the gate."""
-    ce, correct, gate_logits = per_step_losses(model, batch, num_steps=num_steps,
+    ce, correct, gate_logits = per_loop_losses(model, batch, num_loops=num_loops,
                                                detach_gate_input=True)
     mask = _mask(batch)
     bce = stage2_token_loss(ce, gate_logits, k=k, gamma=gamma, pairing=pairing)
     loss = jnp.sum(_masked_mean(bce, mask)) / ce.shape[0]
-    return loss, {"loss": loss, **step_metrics(ce, correct, gate_logits, mask)}
+    return loss, {"loss": loss, **loop_metrics(ce, correct, gate_logits, mask)}
 
 
 def loss_fn(model: Ouro, batch: Batch, objective: dict[str, Any]) -> tuple[jax.Array, Metrics]:

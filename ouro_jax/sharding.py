@@ -2,18 +2,27 @@
 
 Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism with parameters sharded),
 `tensor` (Megatron-style model parallelism over heads / mlp / vocab). All axes are of type Auto, so
-XLA's SPMD partitioner propagates shardings from the parameters and the batch.
+XLA's SPMD partitioner propagates shardings from the parameters, the batch and the activation
+constraints. On several TPU slices (devices with distinct `slice_index`) the `data` axis spans the
+slices (data-centre network) and the requested mesh is laid out inside each slice.
+
+Logical axes: parameters carry names from `vocab, embed, heads, kv_heads, kv, mlp, layers`; activations
+are constrained with `constrain(x, names)` using `batch` for rows (and the parameter names for feature
+dimensions), so the partitioner keeps every activation split over the batch axes instead of choosing
+to split the hidden dimension like the FSDP-sharded weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -55,12 +64,27 @@ def mesh_shape(requested: Mapping[str, int], num_devices: int) -> tuple[int, ...
     return tuple(sizes)
 
 
+def num_slices(devices: Sequence[jax.Device]) -> int:
+    """Number of TPU slices (distinct `slice_index`) among `devices`; 1 for CPUs, GPUs, one slice."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def make_mesh(requested: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over `devices` (default: all) with Auto axes `MESH_AXES`."""
+    """A mesh over `devices` (default: all) with Auto axes `MESH_AXES`.
+
+    On S > 1 slices the requested shape is resolved against one slice's devices and `data` is
+    multiplied by S across the slices, so only data-parallel gradient reduction crosses slices.
+    """
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(requested, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    slices = num_slices(devices)
+    if slices == 1:
+        return jax.make_mesh(mesh_shape(requested, len(devices)), MESH_AXES, axis_types=auto, devices=devices)
+    if len(devices) % slices:
+        raise ValueError(f"mesh: {len(devices)} devices do not split evenly over {slices} slices")
+    inside = mesh_shape(requested, len(devices) // slices)
+    across = (slices,) + (1,) * (len(MESH_AXES) - 1)
+    return Mesh(mesh_utils.create_hybrid_device_mesh(inside, across, devices), MESH_AXES, axis_types=auto)
 
 
 def logical_axes(model: nnx.Module) -> dict:
@@ -93,6 +117,71 @@ def param_shardings(abstract_params, axes, mesh: Mesh, rules=DEFAULT_RULES):
     return jax.tree.map(
         lambda x, names: NamedSharding(mesh, spec_for(names, x.shape, mesh, rules)),
         abstract_params, axes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def optimizer_state_shardings(opt_state, params, param_shardings):
+    """Shardings of an optimiser state: every leaf that sits at a parameter's path (AdamW's mu and nu
+    under `.../mu/layers/mlp/...`, also inside masked or multi-transform states) with that parameter's
+    shape gets its sharding; everything else (step counts) is replicated. `params` and
+    `param_shardings` are pure dicts of equal structure (arrays or ShapeDtypeStructs)."""
+    by_path = {tuple(k.key for k in path): (x.shape, s) for (path, x), s in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_shardings), strict=True)}
+    replicated = NamedSharding(jax.tree.leaves(param_shardings)[0].mesh, PartitionSpec())
+
+    def leaf_sharding(path, leaf):
+        keys = []
+        for k in reversed(path):  # the trailing dict keys are the parameter's path
+            if not isinstance(k, jax.tree_util.DictKey):
+                break
+            keys.append(k.key)
+        shape, s = by_path.get(tuple(reversed(keys)), (None, replicated))
+        return s if shape == leaf.shape else replicated
+
+    return jax.tree_util.tree_map_with_path(leaf_sharding, opt_state)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], rules=DEFAULT_RULES) -> jax.Array:
+    """Constrain activation `x` to the sharding of its logical axis `names` (e.g. ("batch", None,
+    None) for [B, S, D]) on the mesh made current by `using`; the identity outside one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec_for(names, x.shape, mesh, rules))
+
+
+def per_shard(fn: Callable, in_names: Sequence[Sequence[str | None]], out_like: int = 0) -> Callable:
+    """`fn` run on each device's block of its array arguments (`jax.shard_map` over the current mesh),
+    for kernels the partitioner cannot split (Pallas). Argument i is split by its logical axis names
+    `in_names[i]`; the output is split like argument `out_like`. Outside a mesh, `fn` itself."""
+
+    def wrapped(*args):
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return fn(*args)
+        specs = tuple(spec_for(names, x.shape, mesh) for names, x in zip(in_names, args, strict=True))
+        return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=specs[out_like], check_vma=False)(*args)
+
+    return wrapped
+
+
+@contextlib.contextmanager
+def using(mesh: Mesh | None):
+    """Make `mesh` current for `constrain` while tracing (usable inside `jax.jit`); None does nothing."""
+    if mesh is None:
+        yield
+        return
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        yield
+
+
+def traced_on(mesh: Mesh | None, fn: Callable) -> Callable:
+    """`fn` traced with `mesh` current (see `using`): wrap a function before `jax.jit`."""
+
+    def wrapped(*args, **kwargs):
+        with using(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:

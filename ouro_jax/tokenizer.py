@@ -1,13 +1,13 @@
 """The Ouro tokenizer (SmolLM2's byte-level BPE, 49152 tokens), ChatML helpers and small BPE training.
 
-Ouro uses the SmolLM2 tokenizer unchanged (ouro_spec.md §1.1): `<|endoftext|>` = 0, `<|im_start|>` = 1,
+Ouro uses the SmolLM2 tokenizer unchanged: `<|endoftext|>` = 0, `<|im_start|>` = 1,
 `<|im_end|>` = 2, then 14 more code/notebook control tokens (ids 3..16) and the BPE vocabulary. Digits are
 always split into single tokens. Six ASCII control characters (0x04, 0x06, 0x13, 0x14, 0x16, 0x1D) have no
 token and are dropped when encoding, as with the original. A copy ships with the package
 (`assets/ouro_tokenizer.json.gz`, provenance in `assets/OURO_TOKENIZER_LICENSE.md`): `load()` works offline.
 
-Token ids and stopping (ouro_spec.md §10.2): the released config.json sets bos = eos = pad = 0, but a chat
-turn ends with `<|im_end|>` (2). Generation of a chat turn must stop at `<|im_end|>` (id 2) and at
+Token ids and stopping (the released chat format): the released config.json sets bos = eos = pad = 0, but a
+chat turn ends with `<|im_end|>` (2). Generation of a chat turn must stop at `<|im_end|>` (id 2) and at
 `<|endoftext|>` (id 0), the document separator of pre-training text: `STOP_IDS`. The Thinking models write
 their reasoning as plain text inside `<think>…</think>`; these tags are not special tokens in this
 vocabulary (each takes three tokens).
@@ -31,6 +31,8 @@ IM_START_ID = 1
 IM_END_ID = 2
 STOP_IDS = (IM_END_ID, ENDOFTEXT_ID)
 """Token ids that end generation of a chat turn: `<|im_end|>` first, then `<|endoftext|>`."""
+VOCAB_SIZE = 49152
+"""Size of the Ouro (SmolLM2) vocabulary, the released models' vocab_size."""
 
 _BUNDLED = "ouro_tokenizer.json.gz"
 
@@ -47,9 +49,10 @@ def load(name_or_path: str = "ouro") -> Tokenizer:
     """Load a tokenizer.
 
     Args:
-      name_or_path: "ouro" for the bundled Ouro/SmolLM2 tokenizer; otherwise a tokenizer.json file (plain
-        or gzipped, by a ".gz" suffix) or a directory containing tokenizer.json (e.g. a Hugging Face
-        checkpoint directory).
+      name_or_path: "ouro" for the bundled Ouro/SmolLM2 tokenizer; "bytes" for a byte-level tokenizer
+        without merges (the three ChatML tokens, then the 256 bytes: 259 ids, for tiny CPU models);
+        otherwise a tokenizer.json file (plain or gzipped, by a ".gz" suffix) or a directory containing
+        tokenizer.json (e.g. a Hugging Face checkpoint directory).
 
     Raises:
       FileNotFoundError: nothing loadable at the path.
@@ -58,6 +61,8 @@ def load(name_or_path: str = "ouro") -> Tokenizer:
     if name_or_path == "ouro":
         data = (resources.files("ouro_jax.assets") / _BUNDLED).read_bytes()
         return Tokenizer.from_str(gzip.decompress(data).decode("utf-8"))
+    if name_or_path == "bytes":
+        return byte_tokenizer()
     path = Path(name_or_path)
     if path.is_dir():
         path = path / "tokenizer.json"
@@ -101,6 +106,16 @@ def _set_byte_level_pipeline(tokenizer: Tokenizer) -> None:
     tokenizer.decoder = decoders.ByteLevel()
 
 
+def byte_tokenizer(special_tokens: Sequence[str] = (ENDOFTEXT, IM_START, IM_END)) -> Tokenizer:
+    """Byte-level tokenizer with no merges: `special_tokens` get ids 0, 1, ..., then the 256 byte symbols."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate([*special_tokens, *alphabet])}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    _set_byte_level_pipeline(tokenizer)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+    return tokenizer
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int,
               special_tokens: Sequence[str] = (ENDOFTEXT, IM_START, IM_END)) -> Tokenizer:
     """Train a byte-level BPE tokenizer with Ouro's pre-tokenization, for corpora too small for 49152 tokens.
@@ -133,7 +148,7 @@ def save_hf_files(tokenizer: Tokenizer, out_dir: str | Path, *, chat_template: b
     `transformers.AutoTokenizer.from_pretrained(out_dir)` then loads offline, encodes exactly as
     `tokenizer`, and (with `chat_template`) its `apply_chat_template` renders `format_chat`.
 
-    Special tokens, following ouro_spec.md §10.2 (not the released config's all-zero ids):
+    Special tokens of the released chat format (not the released config's all-zero ids):
       eos = "<|im_end|>" (2): ends every chat turn, so generation stops there.
       bos = "<|im_start|>" (1): starts every ChatML turn; never prepended automatically.
       pad = "<|endoftext|>" (0): not the eos, so masking padding by id never masks a real end of turn.

@@ -1,4 +1,4 @@
-"""An independent float64 NumPy Ouro forward, written from ouro_spec.md §1-§3 in the released
+"""An independent float64 NumPy Ouro forward, written from the paper (arXiv:2510.25741 §3) and the released
 Hugging Face layout (state-dict names, Linear weights as [out, in]). It shares no code with ouro_jax.
 """
 

@@ -310,7 +310,7 @@ def test_eval_batches_are_held_out(corpus):
 
 
 def run_prepare(*args):
-    return subprocess.run([sys.executable, "-m", "ouro_jax.data.prepare", *args],
+    return subprocess.run([sys.executable, "-m", "ouro_jax.data", *args],
                           capture_output=True, text=True, timeout=120)
 
 

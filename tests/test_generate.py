@@ -1,9 +1,5 @@
 """ouro_jax.inference: cached decoding is exact, exit policies, KV sharing, ragged batches, stopping,
-parity with the PyTorch export's `generate`, step skipping, and the CLI."""
-
-import dataclasses
-import json
-import os
+parity with the PyTorch export's `generate` and step skipping (the CLI: test_inference_cli.py)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +8,7 @@ import torch
 from flax import nnx
 
 from ouro_jax.convert.hf import to_torch
-from ouro_jax.inference import cli, generate, left_pad
+from ouro_jax.inference import generate, left_pad
 from ouro_jax.model import exits
 from ouro_jax.model.config import tiny
 from ouro_jax.model.ouro import Ouro
@@ -242,69 +238,3 @@ def test_invalid_arguments_raise(model, batch):
                    dict(prompt_lengths=[0, 1, 2]), dict(exit_policy="entropy")):
         with pytest.raises(ValueError):
             generate(model, ids, NEW, **{"prompt_lengths": lengths, **kwargs})
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """A tiny model over the Ouro vocabulary (49152 tokens) saved as an ouro_jax run directory and as a
-    Hugging Face directory."""
-    import orbax.checkpoint as ocp
-
-    from ouro_jax.convert.pretrained import save_pretrained
-
-    root = tmp_path_factory.mktemp("checkpoints")
-    model = Ouro(tiny(vocab_size=49152), rngs=nnx.Rngs(1))
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.fspath(root / "run" / "checkpoints" / "0" / "params"),
-                          nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    (root / "run" / "config.json").write_text(json.dumps({"model": dataclasses.asdict(model.config)}))
-    save_pretrained(model, root / "hf", dtype="float32", tokenizer="ouro")
-    return root, model
-
-
-@pytest.mark.parametrize("source", ["run", "hf"])
-def test_cli_streams_text_and_reports_depth(checkpoints, source, capsys):
-    from ouro_jax import tokenizer as tok
-
-    root, model = checkpoints
-    assert cli.main([f"--model={root / source}", "--prompt=Hello", "--chat", "--max_new_tokens=5",
-                     "--exit_threshold=0.9", "--kv_sharing=last"]) == 0
-    out = capsys.readouterr().out
-    text, report = out.rsplit("\n\n", 1)
-    assert "mean depth" in report and f"of {model.config.total_ut_steps} loops" in report
-    tokenizer = tok.load("ouro")
-    ids = tok.encode_chat(tokenizer, [{"role": "user", "content": "Hello"}])
-    expected = generate(model, [ids], 5, exit_threshold=0.9, kv_sharing="last", stop_tokens=tok.STOP_IDS)
-    kept = [int(t) for t in expected.tokens[0, :expected.lengths[0]] if int(t) not in tok.STOP_IDS]
-    assert text == tokenizer.decode(kept)
-
-
-def _exit_code(args) -> int:
-    try:
-        return cli.main(args)
-    except SystemExit as exit_:
-        return exit_.code
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--model=/nonexistent", "--prompt=x"], "no such directory"),
-    (["--prompt=x"], "--model"),
-    (["--model=.", "--prompt=x", "--kv_sharing=first"], "kv_sharing"),
-])
-def test_cli_bad_input_is_one_line_and_exit_code_1(args, message, capsys):
-    assert _exit_code(args) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error:") and message in err
-
-
-def test_cli_rejects_a_tokenizer_larger_than_the_vocabulary(tmp_path, capsys):
-    import orbax.checkpoint as ocp
-
-    model = Ouro(tiny(), rngs=nnx.Rngs(0))
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.fspath(tmp_path / "checkpoints" / "0" / "params"),
-                          nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    (tmp_path / "config.json").write_text(json.dumps({"model": dataclasses.asdict(model.config)}))
-    assert cli.main([f"--model={tmp_path}", "--prompt=hi"]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "vocab_size 128" in err

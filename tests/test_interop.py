@@ -1,4 +1,4 @@
-"""Hugging Face interop (ouro_jax.convert.pretrained, ouro_jax.export, ouro_jax.import_hf): bit-identical
+"""Hugging Face interop (ouro_jax.convert.pretrained, `python -m ouro_jax.convert`): bit-identical
 round trips, loading exports with transformers' remote code, the written config / generation config /
 tokenizer files, sharding, every error case, the two CLIs and ouro_jax run directories."""
 
@@ -26,7 +26,7 @@ from ouro_jax.convert import hf, pretrained
 from ouro_jax.convert.pretrained import CheckpointError, from_pretrained, save_pretrained
 from ouro_jax.model.config import tiny
 from ouro_jax.model.ouro import Ouro
-from ouro_jax.train.checkpoint import restore_params
+from ouro_jax.run import restore_params
 
 import util
 
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.torch
 
 CONFIG = tiny()  # GQA (4 heads, 2 kv heads), head_dim 16, 2 layers, T = 4, vocab 128
 IDS = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, 12))
-# config.json keys of the released Ouro checkpoints (ouro_spec.md §1.1 and §4)
+# config.json keys of the released Ouro checkpoints
 RELEASED_KEYS = (
     "architectures", "model_type", "auto_map", "vocab_size", "hidden_size", "intermediate_size",
     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act",
@@ -233,8 +233,12 @@ def test_config_json_has_every_released_key(offline, export16):
     assert read.dtype == torch.bfloat16
 
     generation = GenerationConfig.from_pretrained(export16)
-    assert generation.eos_token_id == [tokenizer_lib.IM_END_ID, tokenizer_lib.ENDOFTEXT_ID]
+    assert generation.eos_token_id is None  # no tokenizer, not Ouro's vocabulary: ids are ordinary symbols
     assert (generation.bos_token_id, generation.pad_token_id) == (0, 0)
+    stop = [tokenizer_lib.IM_END_ID, tokenizer_lib.ENDOFTEXT_ID]
+    assert pretrained.generation_config(CONFIG.replace(vocab_size=49152))["eos_token_id"] == stop
+    byte_level = tokenizer_lib.load("bytes")
+    assert pretrained.generation_config(CONFIG.replace(vocab_size=320), byte_level)["eos_token_id"] == stop
 
 
 def test_sharded_export(offline, model32, export32, tmp_path):
@@ -341,8 +345,14 @@ def test_existing_output_dir(model32, tmp_path):
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         save_pretrained(model32, out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    with pytest.raises(ValueError, match="not an earlier export"):  # --overwrite replaces only exports
+        save_pretrained(model32, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    save_pretrained(model32, out)
+    (out / "stale.txt").write_text("from the earlier export")
     save_pretrained(model32, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
     umask = os.umask(0)
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # not the 0700 of a private temporary directory
@@ -360,15 +370,15 @@ def test_failed_export_leaves_nothing(model32, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
+    save_pretrained(model32, out, tokenizer=None)  # an earlier export, which --overwrite may replace
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     monkeypatch.setattr(hf, "to_hf_tensors", failing)
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(model32, tmp_path / "new")
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(model32, out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 @pytest.fixture(scope="module")
@@ -400,26 +410,26 @@ def run_cli(module, *flags):
 
 def test_cli_round_trip(run_dir, model32, tmp_path):
     exported, imported = tmp_path / "hf", tmp_path / "imported"
-    done = run_cli("ouro_jax.export", f"--checkpoint={run_dir}", f"--output_dir={exported}",
+    done = run_cli("ouro_jax.convert", "--to=hf", f"--source={run_dir}", f"--output_dir={exported}",
                    "--dtype=float32", "--tokenizer=none")
     assert done.returncode == 0, done.stderr
     assert json.loads((exported / "config.json").read_text())["torch_dtype"] == "float32"
-    done = run_cli("ouro_jax.import_hf", f"--hf_dir={exported}", f"--output_dir={imported}")
+    done = run_cli("ouro_jax.convert", "--to=run", f"--source={exported}", f"--output_dir={imported}")
     assert done.returncode == 0, done.stderr
     assert (imported / "checkpoints" / "0" / "params").is_dir()
     assert json.loads((imported / "config.json").read_text())["model"] == dataclasses.asdict(CONFIG)
     abstract = pure_params(nnx.eval_shape(lambda: Ouro(CONFIG, rngs=nnx.Rngs(0))))
     assert_params_identical(restore_params(str(imported), abstract), pure_params(model32))
 
-    done = run_cli("ouro_jax.import_hf", f"--hf_dir={exported}", f"--output_dir={imported}")
+    done = run_cli("ouro_jax.convert", "--to=run", f"--source={exported}", f"--output_dir={imported}")
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1].startswith("import_hf: error: ")
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "exists and is not empty" in done.stderr
 
 
 def test_cli_bad_input(tmp_path):
-    done = run_cli("ouro_jax.export", f"--checkpoint={tmp_path / 'nowhere'}",
+    done = run_cli("ouro_jax.convert", "--to=hf", f"--source={tmp_path / 'nowhere'}",
                    f"--output_dir={tmp_path / 'out'}")
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [f"export: error: {tmp_path / 'nowhere'}: no such directory"]
+    assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'nowhere'}: no such directory"]
     assert not (tmp_path / "out").exists()

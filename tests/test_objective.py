@@ -44,15 +44,26 @@ def test_stage1_equals_float64_recomputation(beta):
     expected = np.sum((np.sum(pdf * ce, axis=0) - beta * entropy) * mask) / mask.sum()
     loss, metrics = objective.stage1_loss(model, batch, beta=beta)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
-    np.testing.assert_allclose(metrics["ce_per_step"], (ce * mask).sum((1, 2)) / mask.sum(),
+    np.testing.assert_allclose(metrics["ce_per_loop"], (ce * mask).sum((1, 2)) / mask.sum(),
                                rtol=1e-5)
-    np.testing.assert_allclose(metrics["exit_pdf_per_step"], (pdf * mask).sum((1, 2)) / mask.sum(),
+    np.testing.assert_allclose(metrics["weighted_ce"], (np.sum(pdf * ce, axis=0) * mask).sum() / mask.sum(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(metrics["exit_pdf_per_loop"], (pdf * mask).sum((1, 2)) / mask.sum(),
                                atol=1e-6)
     np.testing.assert_allclose(metrics["entropy"], (entropy * mask).sum() / mask.sum(), rtol=1e-5)
-    steps = np.arange(1, 5)[:, None, None]
-    np.testing.assert_allclose(metrics["mean_exit_step"],
-                               ((pdf * steps).sum(0) * mask).sum() / mask.sum(), rtol=1e-5)
+    loops = np.arange(1, 5)[:, None, None]
+    np.testing.assert_allclose(metrics["mean_exit_loop"],
+                               ((pdf * loops).sum(0) * mask).sum() / mask.sum(), rtol=1e-5)
     assert float(metrics["num_tokens"]) == mask.sum()
+
+
+def test_last_loop_weighting_is_the_last_loops_masked_ce():
+    model, batch, ce, _ = _setup()
+    mask = np.asarray(batch["loss_mask"], np.float64)
+    loss, _ = objective.stage1_loss(model, batch, beta=0.1, weighting="last_loop")
+    np.testing.assert_allclose(loss, (ce[-1] * mask).sum() / mask.sum(), rtol=1e-5)
+    with pytest.raises(ValueError, match="weighting"):
+        objective.stage1_loss(model, batch, weighting="uniform")
 
 
 def test_stage1_gradient_equals_materialised_logits_path():
@@ -120,8 +131,8 @@ def test_loss_fn_dispatch_and_bad_stage():
 
 
 @functools.cache
-def _grad_temp_bytes(num_steps, vocab, naive):
-    cfg = cfgs.tiny(vocab_size=vocab, total_ut_steps=num_steps, remat_policy="full")
+def _grad_temp_bytes(num_loops, vocab, naive):
+    cfg = cfgs.tiny(vocab_size=vocab, total_ut_steps=num_loops, remat_policy="full")
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Ouro(cfg, rngs=nnx.Rngs(0))))
     spec = jax.ShapeDtypeStruct((4, 64), jnp.int32)
     batch = {"input_ids": spec, "targets": spec}
@@ -144,12 +155,12 @@ def test_training_memory_grows_like_one_step_of_logits():
     small, big = 512, 16384
     logits_bytes = 4 * 64 * (big - small) * 4  # one step of the extra float32 logits
 
-    def per_step(vocab, naive):
+    def per_loop(vocab, naive):
         return (_grad_temp_bytes(4, vocab, naive) - _grad_temp_bytes(2, vocab, naive)) / 2
 
-    fused_growth = per_step(big, False) - per_step(small, False)
+    fused_growth = per_loop(big, False) - per_loop(small, False)
     assert abs(fused_growth) < 0.05 * logits_bytes, fused_growth / logits_bytes
     # the naive path (model(...).logits, then CE) stores every step's logits
-    assert per_step(big, True) > 0.9 * 4 * 64 * big * 4
+    assert per_loop(big, True) > 0.9 * 4 * 64 * big * 4
     # and the whole of it stays within a few single-step logit buffers
     assert _grad_temp_bytes(4, big, False) < 4 * 4 * 64 * big * 4

@@ -55,7 +55,7 @@ def model():
 
 
 def expected_names(cfg: OuroConfig) -> set[str]:
-    """The released state-dict names (ouro_spec.md §4)."""
+    """The released state-dict names."""
     names = {"model.embed_tokens.weight", "model.norm.weight", "model.early_exit_gate.weight",
              "model.early_exit_gate.bias", "lm_head.weight"}
     per_layer = [f"self_attn.{p}_proj.weight" for p in "qkvo"] + [

@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ouro_jax import sharding
+from ouro_jax import run, sharding
 from ouro_jax.data import pipeline
 from ouro_jax.model.ouro import Ouro
+from ouro_jax.run import restore_params
 from ouro_jax.train import config as config_lib
-from ouro_jax.train import loop
+from ouro_jax.train import loop, recipes
 from ouro_jax.train import optimizer as optim
-from ouro_jax.train.checkpoint import Checkpointer, abstract_like, restore_params
-from ouro_jax.train.step import init_fn, make_train_step
+from ouro_jax.train import program as program_lib
+from ouro_jax.train.step import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small p-hop run: CLI flags and the same values for in-process configs.
@@ -37,9 +38,7 @@ NOT_EXACT = {"tokens_per_s"}  # wall-clock dependent
 
 
 def small_config(**overrides):
-    from configs import demo
-
-    c = demo.get_config()
+    c = recipes.demo()
     for key, value in {**SMALL, **overrides}.items():
         node = c
         *parents, leaf = key.split(".")
@@ -64,11 +63,6 @@ def records(workdir):
         return [{k: v for k, v in json.loads(line).items() if k not in NOT_EXACT} for line in f]
 
 
-@pytest.fixture(autouse=True)
-def _configs_importable(monkeypatch):
-    monkeypatch.syspath_prepend(REPO)
-
-
 # --- the loop -----------------------------------------------------------------------------------
 @functools.cache
 def _demo_run(tmp_root):
@@ -83,13 +77,13 @@ def test_loss_decreases_and_metrics_are_complete(tmp_path_factory):
     assert [r["step"] for r in recs] == list(range(1, 41))
     first, last = np.mean([r["loss"] for r in recs[:5]]), np.mean([r["loss"] for r in recs[-5:]])
     assert last < first - 0.05, (first, last)
-    keys = {"step", "loss", "loss_step_1", "loss_step_2", "exit_pdf_step_1", "exit_pdf_step_2",
-            "entropy", "mean_exit_step", "grad_norm", "lr", "accuracy_step_1"}
+    keys = {"step", "loss", "loss_loop_1", "loss_loop_2", "exit_pdf_loop_1", "exit_pdf_loop_2",
+            "weighted_ce", "entropy", "mean_exit_loop", "grad_norm", "lr", "accuracy_loop_1"}
     assert keys <= set(recs[-1])
-    evals = [r for r in recs if "eval_loss_step_1" in r]
+    evals = [r for r in recs if "eval_loss_loop_1" in r]
     assert [r["step"] for r in evals] == [6, 12, 18, 24, 30, 36, 40]
-    assert 0.0 <= evals[-1]["eval_answer_accuracy_step_2"] <= 1.0
-    np.testing.assert_allclose(recs[-1]["exit_pdf_step_1"] + recs[-1]["exit_pdf_step_2"], 1.0, atol=1e-5)
+    assert 0.0 <= evals[-1]["eval_answer_accuracy_loop_2"] <= 1.0
+    np.testing.assert_allclose(recs[-1]["exit_pdf_loop_1"] + recs[-1]["exit_pdf_loop_2"], 1.0, atol=1e-5)
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["total_steps"] == 40
     # TensorBoard event files hold the same scalars
@@ -154,10 +148,8 @@ def test_sigterm_saves_and_stops_then_resumes(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=120)
-    assert proc.returncode == 0
-    saved = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=3)
-    step = saved.latest_step()
-    saved.close()
+    assert proc.returncode == 75  # saved and stopped: "rerun me"
+    step = run.latest_step(workdir)
     assert step is not None and 0 < step < 400  # saved where it stopped, not at a periodic step
     assert records(workdir)[-1]["step"] <= step
 
@@ -222,24 +214,13 @@ def test_weight_decay_skips_norms_and_gate_bias():
 
 
 def _step_setup(config, mesh):
-    resolved = config_lib.validate(config)
-    factory = lambda: Ouro(resolved.model, rngs=nnx.Rngs(config.seed))
-    abstract_model = nnx.eval_shape(factory)
-    graphdef, abstract_state = nnx.split(abstract_model)
-    abstract = nnx.to_pure_dict(abstract_state)
-    shardings = sharding.param_shardings(abstract, sharding.logical_axes(abstract_model), mesh)
-    stage = resolved.objective["stage"]
-    tx = optim.make_optimizer(resolved.optimizer, config.total_steps, abstract, stage)
-    state = jax.jit(init_fn(factory, tx, config.seed, shardings))()
-    step = make_train_step(graphdef, tx, optim.learning_rate_schedule(resolved.optimizer, 10),
-                           resolved.objective, optim.trainable_mask(abstract, stage),
-                           resolved.optimizer["grad_accum_steps"])
+    program = program_lib.build(config, config_lib.validate(config, num_devices=mesh.size), mesh)
     batch = next(iter(pipeline.build_train_dataset(config.data, seed=0)))
-    return state, jax.jit(step), sharding.put_batch(batch, sharding.batch_sharding(mesh))
+    return program.init(), program.train_step, sharding.put_batch(batch, program.batch_sharding)
 
 
 def test_stage2_updates_only_the_gate():
-    config = small_config(**{"objective.stage": 2, "optimizer.warmup_steps": 0})
+    config = small_config(init_from="/runs/trained", **{"objective.stage": 2, "optimizer.warmup_steps": 0})
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     state, step, batch = _step_setup(config, mesh)
     before = jax.device_get(state.params)
@@ -315,13 +296,14 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     state, step, batch = _step_setup(config, mesh_a)
     state, _ = step(state, batch)
     data_iter = iter(pipeline.build_train_dataset(config.data, seed=0))
-    ckpt = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=2)
-    ckpt.save(state, data_iter)
-    ckpt.wait()
+    ckpt = run.Checkpointer(tmp_path / "run", max_to_keep=2)
+    ckpt.save(int(state.step), *state.checkpoint_items(), data_iter)
+    ckpt.manager.wait_until_finished()
     mesh_b = sharding.make_mesh({"data": 2, "fsdp": 1, "tensor": 4})
     fresh, _, _ = _step_setup(config, mesh_b)
-    target = abstract_like(fresh, jax.tree.map(lambda x: x.sharding, fresh))
-    restored = ckpt.restore(1, target, iter(pipeline.build_train_dataset(config.data, seed=0)))
+    target = program_lib.abstract_like(fresh, jax.tree.map(lambda x: x.sharding, fresh))
+    restored = TrainState.from_checkpoint_items(*ckpt.restore(
+        1, *target.checkpoint_items(), iter(pipeline.build_train_dataset(config.data, seed=0))))
     ckpt.close()
     chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(state))
     up = restored.params["layers"]["mlp"]["up_proj"]["kernel"]  # [layers, embed, mlp]

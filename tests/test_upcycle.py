@@ -1,4 +1,4 @@
-"""Upcycling by layer duplication (ouro_jax.convert.upcycle): what each order preserves, exactly, and
+"""Upcycling by layer duplication (ouro_jax.train.upcycle): what each order preserves, exactly, and
 what neither does.
 
 With N layers and T steps, the original model computes per step [L_0 … L_{N-1}, norm]. After
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ouro_jax.convert.upcycle import upcycle
 from ouro_jax.model.config import tiny
 from ouro_jax.model.layers import rope_cos_sin
 from ouro_jax.model.ouro import Ouro
+from ouro_jax.train.upcycle import upcycle
 
 CONFIG = tiny(num_hidden_layers=3, total_ut_steps=2)
 IDS = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, 10))
@@ -65,7 +65,7 @@ def reference(model, step_fn, steps=CONFIG.total_ut_steps):
     """(logits [T, B, S, V], gate logits [T, B, S]) of `step_fn(h, cos, sin) -> h` followed by the
     original model's norm, LM head and gate, for `steps` steps."""
     positions = jnp.broadcast_to(jnp.arange(IDS.shape[1]), IDS.shape)
-    cos, sin = rope_cos_sin(positions, CONFIG.head_dim, CONFIG.rope_theta, CONFIG.compute_dtype)
+    cos, sin = rope_cos_sin(positions, CONFIG.head_dim, CONFIG.rope_theta, CONFIG.compute_jnp_dtype)
     h = model.embed(IDS)
     logits, gates = [], []
     for _ in range(steps):
@@ -100,7 +100,7 @@ def test_interleaved_runs_each_old_layer_twice_in_a_row(model):
 @pytest.mark.parametrize("order", ["stacked", "interleaved"])
 def test_neither_order_equals_the_original_at_twice_the_steps(model, order):
     """The original at 2T steps normalises between the two passes; the upcycled model does not."""
-    original = model(IDS, num_steps=2 * CONFIG.total_ut_steps)
+    original = model(IDS, num_loops=2 * CONFIG.total_ut_steps)
     new = upcycled(model, order)(IDS)
     # every second original step is where the upcycled model's steps end
     gap = np.abs(np.asarray(new.logits) - np.asarray(original.logits[1::2])).max()

@@ -47,7 +47,7 @@ def unrolled_forward(model, input_ids, num_steps):
     layers = [nnx.merge(graphdef, jax.tree.map(lambda x, i=i: x[i], stacked))
               for i in range(cfg.num_hidden_layers)]
     positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.compute_dtype)
+    cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.compute_jnp_dtype)
     h = model.embed(input_ids)
     logits, gates = [], []
     for _ in range(num_steps):

@@ -1,4 +1,4 @@
-"""The table between ouro_jax parameters and the released Hugging Face state dict (ouro_spec.md §4).
+"""The table between ouro_jax parameters and the released Hugging Face state dict.
 
 ouro_jax stores Linear kernels as [in, out], attention kernels split by head ([D, heads, H] for q/k/v,
 [heads, H, D] for o) and the N layers stacked on a leading axis; the HF state dict stores every

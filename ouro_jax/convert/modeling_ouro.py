@@ -1,6 +1,7 @@
 """PyTorch / Hugging Face modeling code of Ouro (LoopLM, arXiv:2510.25741), shipped in ouro_jax exports.
 
-Written for transformers 5.x from ouro_spec.md; parameter names are those of the released checkpoints.
+Written for transformers 5.x from the paper (arXiv:2510.25741) and the released checkpoints, whose
+parameter names it uses.
 The file imports only torch and transformers, so it works both as `ouro_jax.convert.modeling_ouro` and
 copied next to `configuration_ouro.py` into a Hugging Face directory (`trust_remote_code=True`).
 

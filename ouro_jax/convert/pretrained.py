@@ -1,7 +1,7 @@
 """Hugging Face Ouro directories <-> ouro_jax models, streaming so that memory stays near one model copy.
 
-A Hugging Face Ouro directory holds config.json (model_type "ouro", the released keys, ouro_spec.md §1.1)
-and the state dict of ouro_spec.md §4 as safetensors: model.safetensors, or shards
+A Hugging Face Ouro directory holds config.json (model_type "ouro", the released keys)
+and the released state dict as safetensors: model.safetensors, or shards
 model-0000i-of-0000n.safetensors listed in model.safetensors.index.json. `save_pretrained` adds
 generation_config.json, optionally the tokenizer files, and the PyTorch modeling code
 (configuration_ouro.py, modeling_ouro.py) that `trust_remote_code=True` loads.
@@ -17,7 +17,6 @@ never held twice.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.metadata
 import json
 import math
@@ -27,6 +26,7 @@ import struct
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -34,9 +34,10 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
+from ouro_jax import run
 from ouro_jax import tokenizer as tokenizer_lib
 from ouro_jax.convert import hf
-from ouro_jax.model.config import OuroConfig
+from ouro_jax.model.config import OuroConfig, dtype_name
 from ouro_jax.model.ouro import Ouro
 
 WEIGHTS_NAME = "model.safetensors"
@@ -44,7 +45,7 @@ INDEX_NAME = "model.safetensors.index.json"
 MODEL_TYPE = "ouro"
 HUB_REPO = "ByteDance/Ouro-1.4B"
 """Default repository of the official remote code that `auto_map="hub"` points at."""
-AUTO_MAP = {  # the released auto_map entries (ouro_spec.md §0)
+AUTO_MAP = {  # the released auto_map entries
     "AutoConfig": "configuration_ouro.OuroConfig",
     "AutoModel": "modeling_ouro.OuroModel",
     "AutoModelForCausalLM": "modeling_ouro.OuroForCausalLM",
@@ -55,36 +56,45 @@ _READABLE_DTYPES = ("F64", "F32", "F16", "BF16")
 _TRANSFORMERS_PIN = "5.23.0"  # the [torch] extra's version, written when transformers is absent
 
 
-class CheckpointError(ValueError):
+class CheckpointError(run.RunError):
     """The input is not a loadable Ouro checkpoint; the message gives every reason at once."""
 
 
 # --- loading ------------------------------------------------------------------------------------------
-def from_pretrained(path: str | os.PathLike, dtype: str = "float32", **runtime) -> Ouro:
+def from_pretrained(path: str | os.PathLike, dtype: Any = "float32", **runtime) -> Ouro:
     """An `Ouro` with the weights of a Hugging Face Ouro directory or an ouro_jax run.
 
     Args:
       path: a Hugging Face Ouro directory (config.json + safetensors), or an ouro_jax run directory
-        (config.json with a `model` key; its latest checkpoint), its `checkpoints/` directory or one
-        step directory `RUN/checkpoints/<step>`.
-      dtype: compute and parameter dtype of the model ("float32", "bfloat16", "float16"); stored
-        tensors (bf16 in the released checkpoints) are converted to it.
+        (its latest checkpoint), its `checkpoints/` directory or one step `RUN/checkpoints/<step>`
+        (`ouro_jax.run.locate`).
+      dtype: compute and parameter dtype of the model, a name ("bfloat16") or a dtype (`jnp.bfloat16`);
+        stored tensors (bf16 in the released checkpoints) are converted to it.
       **runtime: other OuroConfig runtime fields (param_dtype, remat_policy, attention_impl,
         scan_layers).
 
     Raises:
       FileNotFoundError: `path` is not a directory, or a run has no complete checkpoint.
-      CheckpointError: not an Ouro checkpoint (e.g. model_type is not "ouro"), or its tensors do not
-        match config.json (every missing, unexpected and mis-shaped tensor is listed in one message).
+      CheckpointError / run.RunError: not an Ouro checkpoint (e.g. model_type is not "ouro"), or its
+        tensors do not match config.json (every missing, unexpected and mis-shaped tensor is listed).
     """
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such directory")
-    runtime = {"dtype": dtype, "param_dtype": dtype, **runtime}
-    kind, config_dict = _locate(directory)
-    if kind == "run":
-        return _from_run(directory, config_dict, runtime)
-    return _from_hf(directory, config_dict, runtime)
+    runtime = {"dtype": dtype_name(dtype), "param_dtype": dtype_name(dtype), **runtime}
+    try:
+        location = run.locate(path)
+    except run.RunError as err:
+        raise CheckpointError(str(err)) from None
+    if location.kind == "hf":
+        return _from_hf(location.root, _read_json(location.root / "config.json"), runtime)
+    config = run.model_config(location.root, **runtime)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Ouro(config, rngs=nnx.Rngs(0))))
+    try:
+        params = run.restore_params(path, nnx.to_pure_dict(state))
+    except (ValueError, KeyError) as err:
+        if isinstance(err, run.RunError):
+            raise CheckpointError(str(err)) from None
+        raise CheckpointError(f"{path}: the checkpoint does not fit its config.json: {err}") from None
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
 
 
 def _read_json(path: Path) -> dict:
@@ -97,45 +107,11 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _locate(directory: Path) -> tuple[str, dict]:
-    """("run", the OuroConfig fields) or ("hf", config.json) for `directory`."""
-    run_dir = directory
-    if (directory / "params").is_dir():  # RUN/checkpoints/<step>
-        run_dir = directory.parent.parent
-    elif directory.name == "checkpoints":
-        run_dir = directory.parent
-    config_file = run_dir / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{directory}: no config.json (expected a Hugging Face Ouro directory or an "
-                              "ouro_jax run / checkpoint directory)")
-    config = _read_json(config_file)
-    if isinstance(config.get("model"), dict):
-        return "run", config["model"]
-    if run_dir != directory:
-        raise CheckpointError(f"{config_file}: an ouro_jax run config needs a `model` key")
-    return "hf", config
-
-
 def _config(source: str, build) -> OuroConfig:
     try:
         return build()
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{source}: {err}") from None
-
-
-def _from_run(directory: Path, model_fields: dict, runtime: dict) -> Ouro:
-    from ouro_jax.train.checkpoint import restore_params  # the training stack, only for runs
-
-    names = {f.name for f in dataclasses.fields(OuroConfig)}
-    config = _config(f"{directory}: run config.json", lambda: OuroConfig(
-        **{**{k: v for k, v in model_fields.items() if k in names}, **runtime}))
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Ouro(config, rngs=nnx.Rngs(0))))
-    try:
-        params = restore_params(str(directory), nnx.to_pure_dict(state))
-    except (ValueError, KeyError) as err:
-        raise CheckpointError(f"{directory}: the checkpoint does not fit its config.json: {err}") from None
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
 
 
 def _from_hf(directory: Path, config_dict: dict, runtime: dict) -> Ouro:
@@ -158,7 +134,7 @@ def _from_hf(directory: Path, config_dict: dict, runtime: dict) -> Ouro:
             raise CheckpointError(f"{directory}: the safetensors weights do not match config.json: "
                                   + "; ".join(problems))
         arrays = hf.from_hf_tensors(config, lambda name: handles[name].get_tensor(name),
-                                    config.params_dtype)
+                                    config.param_jnp_dtype)
         return _build(config, arrays)
 
 
@@ -204,19 +180,61 @@ def _build(config: OuroConfig, arrays: Iterable[tuple[hf.Path, np.ndarray]]) -> 
 
 
 # --- saving -------------------------------------------------------------------------------------------
-def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """`out_dir` as an absolute path, if an export may go there.
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False, *, kind: str = "export",
+                     source: str | os.PathLike | None = None) -> Path:
+    """`out_dir` as an absolute path, if a `kind` ("export" or "import") may be written there.
+
+    Never destroys what it did not write: `overwrite` replaces only an earlier output of the same kind
+    that holds no run, and no output may be, contain or lie inside `source` or a training run.
 
     Raises:
       FileExistsError: `out_dir` is a file, or a non-empty directory and `overwrite` is False.
+      ValueError: `out_dir` is, contains or lies inside `source` or a run, or is not an earlier `kind`.
     """
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to "
-                              "replace it)")
+    if source is not None:
+        src = Path(source).absolute()
+        if out == src or src in out.parents or out in src.parents:
+            raise ValueError(f"{out}: the output directory must not be, contain or lie inside the source "
+                             f"{src}")
+    for parent in out.parents:
+        if _is_run(parent):
+            raise ValueError(f"{out} lies inside the training run {parent}; write outside it")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to "
+                                  "replace it)")
+        if not _earlier_output(out, kind):
+            raise ValueError(f"--overwrite refuses {out}: it is not an earlier {kind} of ouro_jax (only "
+                             "such a directory is replaced; choose another output directory)")
     return out
+
+
+def _config_json(directory: Path) -> dict | None:
+    try:
+        data = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _is_run(directory: Path) -> bool:
+    """A training run: a run config.json, a metrics.jsonl or a lock."""
+    config = _config_json(directory)
+    trained = config is not None and isinstance(config.get("model"), dict) and "imported_from" not in config
+    return trained or (directory / "metrics.jsonl").exists() or (directory / "train.lock").exists()
+
+
+def _earlier_output(directory: Path, kind: str) -> bool:
+    """Whether `directory` looks like what an earlier export / import wrote, holding no run anywhere."""
+    config = _config_json(directory)
+    if config is None or any(_is_run(Path(root)) for root, _, _ in os.walk(directory)):
+        return False
+    if kind == "export":
+        return config.get("model_type") == MODEL_TYPE and "model" not in config
+    return isinstance(config.get("model"), dict) and "imported_from" in config
 
 
 def _new_sibling(out: Path, tag: str) -> Path:
@@ -229,10 +247,11 @@ def _new_sibling(out: Path, tag: str) -> Path:
 
 
 @contextlib.contextmanager
-def staged_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def staged_directory(out_dir: str | os.PathLike, overwrite: bool = False, *, kind: str = "export",
+                     source: str | os.PathLike | None = None) -> Iterator[Path]:
     """Yield an empty temporary directory next to `out_dir` that becomes `out_dir` when the block
-    succeeds (replacing it when `overwrite`), and is removed when the block fails."""
-    out = check_output_dir(out_dir, overwrite)
+    succeeds (replacing it when `overwrite`, see `check_output_dir`), and is removed when it fails."""
+    out = check_output_dir(out_dir, overwrite, kind=kind, source=source)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = _new_sibling(out, "tmp")
     try:
@@ -263,7 +282,7 @@ def parse_size(size: int | str) -> int:
 def save_pretrained(
     model: Ouro,
     out_dir: str | os.PathLike,
-    dtype: str = "bfloat16",
+    dtype: Any = "bfloat16",
     tokenizer: Tokenizer | str | None = None,
     max_shard_size: int | str = "5GB",
     auto_map: str = "local",
@@ -276,7 +295,8 @@ def save_pretrained(
       model: the model to export.
       out_dir: the directory to create. Everything is written into a temporary directory next to it
         and renamed at the end, so a failure never leaves a partial export.
-      dtype: the weights' dtype in the files ("bfloat16" as released, "float32" or "float16").
+      dtype: the weights' dtype in the files ("bfloat16" as released, "float32" or "float16"; a name or
+        a dtype such as `jnp.bfloat16`).
       tokenizer: a `tokenizers.Tokenizer`, "ouro" (the bundled one) or a tokenizer path; its
         tokenizer.json, tokenizer_config.json and special_tokens_map.json are added. None: no tokenizer.
       max_shard_size: above this size the weights are split into model-0000i-of-0000n.safetensors
@@ -284,7 +304,7 @@ def save_pretrained(
       auto_map: "local" copies configuration_ouro.py and modeling_ouro.py (this package's code, which
         runs on transformers 5) into the directory and points auto_map at them; "hub" points auto_map at
         the official remote code in `hub_repo` ("ByteDance/Ouro-1.4B--modeling_ouro.OuroForCausalLM")
-        and copies nothing (that code needs transformers < 4.56, ouro_spec.md §10.1).
+        and copies nothing (that code needs transformers < 4.56).
       overwrite: replace an existing non-empty `out_dir`.
       hub_repo: the repository `auto_map="hub"` refers to.
 
@@ -293,6 +313,7 @@ def save_pretrained(
       ValueError: an unknown dtype / auto_map / shard size, or a tokenizer larger than the vocabulary.
     """
     config = model.config
+    dtype = dtype_name(dtype)
     if dtype not in _SAFETENSORS_DTYPES:
         raise ValueError(f"dtype={dtype!r} must be one of {tuple(_SAFETENSORS_DTYPES)}")
     if auto_map not in ("local", "hub"):
@@ -308,7 +329,7 @@ def save_pretrained(
     entries = {auto_class: prefix + reference for auto_class, reference in AUTO_MAP.items()}
     with staged_directory(out_dir, overwrite) as staging:
         _write_json(staging / "config.json", hf_config(config, dtype, entries))
-        _write_json(staging / "generation_config.json", generation_config(config))
+        _write_json(staging / "generation_config.json", generation_config(config, tokenizer))
         _write_weights(config, nnx.to_pure_dict(nnx.state(model, nnx.Param)), staging, dtype, max_bytes)
         if tokenizer is not None:
             tokenizer_lib.save_hf_files(tokenizer, staging)
@@ -326,7 +347,7 @@ def _transformers_version() -> str:
 
 
 def hf_config(config: OuroConfig, dtype: str, auto_map: dict[str, str]) -> dict:
-    """config.json: every key of the released config (ouro_spec.md §1.1, §4), weights stored as `dtype`.
+    """config.json: every key of the released config, weights stored as `dtype`.
 
     Both `torch_dtype` (transformers 4) and `dtype` (transformers 5) are written.
     """
@@ -341,16 +362,22 @@ def hf_config(config: OuroConfig, dtype: str, auto_map: dict[str, str]) -> dict:
     }
 
 
-def generation_config(config: OuroConfig) -> dict:
-    """generation_config.json: stop at `<|im_end|>` (2) and `<|endoftext|>` (0), ouro_spec.md §10.2.
+def generation_config(config: OuroConfig, tokenizer: Tokenizer | None = None) -> dict:
+    """generation_config.json: stop at the end of a chat turn `<|im_end|>` and at `<|endoftext|>`.
 
-    config.json keeps the released bos = eos = pad = 0; generation additionally stops at the end of a
-    chat turn, which the released config misses.
+    The stop ids are those tokens' ids in the exported `tokenizer`; without one, the Ouro tokenizer's (2, 0)
+    for a model with its vocabulary, and none for any other model (a task model whose ids are ordinary
+    symbols then generates until max_new_tokens). config.json keeps the released bos = eos = pad = 0.
     """
-    stop = (*tokenizer_lib.STOP_IDS, config.eos_token_id)
-    eos = list(dict.fromkeys(i for i in stop if i < config.vocab_size))
-    return {"bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": config.pad_token_id,
-            "transformers_version": _transformers_version()}
+    if tokenizer is not None:
+        stop = [tokenizer.token_to_id(t) for t in (tokenizer_lib.IM_END, tokenizer_lib.ENDOFTEXT)]
+    elif config.vocab_size == tokenizer_lib.VOCAB_SIZE:
+        stop = list(tokenizer_lib.STOP_IDS)
+    else:
+        stop = []
+    eos = [i for i in dict.fromkeys(stop) if i is not None and i < config.vocab_size]
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": eos or None,
+            "pad_token_id": config.pad_token_id, "transformers_version": _transformers_version()}
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -3,7 +3,7 @@
 Public API:
   build_train_dataset, build_eval_batches, default_config, kjv_path, BATCH_KEYS   (pipeline)
   TASKS, PHop                                                                     (tasks)
-  python -m ouro_jax.data.prepare                                                 (ArrayRecord shards)
+  python -m ouro_jax.data                                                         (ArrayRecord shards)
 """
 
 from ouro_jax.data.pipeline import (

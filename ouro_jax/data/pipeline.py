@@ -10,7 +10,7 @@ S = data.seq_len):
   answer_mask  1 where the target is a task answer (task accuracy); all zeros for text.
 
 Config keys (`default_config()`; `data` may hold any subset, unknown keys are an error):
-  source        "phop" (or another name in `tasks.TASKS`), "text" or "array_record".
+  source        a task of `tasks.TASKS` ("phop", "addition", "igsm", "facts"), "text" or "array_record".
   seq_len       S, the row length (also the p-hop sequence length n).                 default 32
   batch_size    global rows per step, split evenly over processes.                    default 128
   num_workers   Grain worker processes (0 = in process; same batches either way).     default 0
@@ -21,6 +21,13 @@ Config keys (`default_config()`; `data` may hold any subset, unknown keys are an
   tokenizer     "ouro" (bundled) or a tokenizer.json path (text source).              default "ouro"
   eos_id        id appended to every document (None = the tokenizer's <|endoftext|>).  default None
   phop.p, phop.alphabet   hops and alphabet size of p-hop induction (vocab = alphabet). default 3, 4
+  phop.p_min    0: p hops; 1..p: hops uniform in p_min..p per example, a hop-count token
+                first (vocab = alphabet + p).                                          default 0
+  addition.terms, .terms_min, .digits   n-ary addition of `terms` (or terms_min..terms when
+                terms_min > 0) numbers of `digits` digits, answer only.               default 8, 0, 2
+  igsm.variables, .depth, .modulus, .names   i-GSM-style modular dependency graphs.   default 8, 3, 7, 16
+  facts.first_names, .last_names, .attributes, .values, .world_seed   the knowledge-capacity facts
+                (defaults 32, 32, 32, 64, 0).
   text.files    .txt / .jsonl paths or globs: one comma-separated string (a single CLI flag) or a
                 list; "kjv" = `kjv_path()`.
   text.field    the text field of .jsonl lines.                                       default "text"
@@ -72,7 +79,10 @@ def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
         "source": "phop", "seq_len": 32, "batch_size": 128, "num_workers": 0, "num_epochs": None,
         "eval_batches": 32, "eval_fraction": 0.01, "pack_bins": 0, "tokenizer": "ouro", "eos_id": None,
-        "phop": {"p": 3, "alphabet": 4},
+        "phop": {"p": 3, "alphabet": 4, "p_min": 0},
+        "addition": {"terms": 8, "terms_min": 0, "digits": 2},
+        "igsm": {"variables": 8, "depth": 3, "modulus": 7, "names": 16},
+        "facts": {"first_names": 32, "last_names": 32, "attributes": 32, "values": 64, "world_seed": 0},
         "text": {"files": "", "field": "text", "group_by": None},
         "array_record": {"paths": ""},
     })
@@ -349,3 +359,27 @@ def build_eval_batches(data, *, seed: int, num_batches: int, process_index: int 
     docs = _documents(cfg, HELDOUT)[process_index::process_count].map(document_example)
     batches = iter(_packed_batches(docs.to_iter_dataset(), cfg, rows))
     return [batch for _, batch in zip(range(num_batches), batches, strict=False)]
+
+
+def check_inputs(data, *, vocab_size: int) -> None:
+    """Fail now, in one line, if the stream of `data` cannot be built: files that match nothing, a
+    tokenizer that cannot be loaded or whose ids do not fit `vocab_size`, a task whose tokens do not."""
+    cfg = resolve_config(data)
+    if cfg.source == "text":
+        _expand(cfg.text.files, "data.text.files")
+        tokenizer = tok.load(cfg.tokenizer)
+        if tokenizer.get_vocab_size() > vocab_size:
+            raise ValueError(f"data.tokenizer {cfg.tokenizer!r} has {tokenizer.get_vocab_size()} tokens but "
+                             f"model.vocab_size is {vocab_size}")
+        resolve_eos_id(tokenizer, cfg.eos_id)
+    elif cfg.source == "array_record":
+        paths = cfg.array_record.paths
+        if isinstance(paths, str) and os.path.isdir(paths):
+            paths = os.path.join(paths, "*.array_record")
+        _expand(paths, "data.array_record.paths")
+    else:
+        task = TASKS[cfg.source](n=cfg.seq_len, seed=0, stream=TRAIN, **cfg[cfg.source].to_dict())
+        high = int(task.batch(np.arange(1))["input_ids"].max())
+        if high >= vocab_size:
+            raise ValueError(f"data.source {cfg.source!r} uses token id {high} but model.vocab_size is "
+                             f"{vocab_size}")

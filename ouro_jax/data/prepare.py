@@ -1,13 +1,11 @@
-"""Tokenise a text corpus into ArrayRecord shards for `data.source = "array_record"`.
+"""Tokenise a text corpus into ArrayRecord shards for `data.source = "array_record"`
+(the library side of `python -m ouro_jax.data`).
 
-  python -m ouro_jax.data.prepare --input=FILES --tokenizer=PATH --output=DIR \
-      [--field=text] [--group_by=book,chapter] [--shard_docs=N] [--eos_id=ID] [--overwrite]
-
-FILES are comma-separated .txt / .jsonl paths or globs, read into documents as by the text source
+`input_files` are .txt / .jsonl paths or globs, read into documents as by the text source
 (`pipeline.read_documents`). One record = one document's int32 token ids (EOS appended) as bytes;
-shards are DIR/docs-KKKKK-of-NNNNN.array_record with `--shard_docs` documents each, next to
-DIR/metadata.json (tokenizer, vocab_size, eos_id, num_docs, num_tokens, shards). Everything is written to a
-temporary directory beside DIR and renamed into place at the end. Errors print one line and exit 1.
+shards are DIR/docs-KKKKK-of-NNNNN.array_record with `shard_docs` documents each, next to
+DIR/metadata.json (tokenizer, vocab_size, eos_id, num_docs, num_tokens, shards). Everything is written
+to a temporary directory beside DIR and renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -16,11 +14,9 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 
 import numpy as np
-from absl import app, flags
 
 from ouro_jax import tokenizer as tok_lib
 from ouro_jax.data.pipeline import read_documents, resolve_eos_id
@@ -69,31 +65,3 @@ def prepare(input_files, tokenizer: str, output: str, *, field: str = "text", gr
         raise
     return metadata
 
-
-def _define_flags() -> None:
-    flags.DEFINE_list("input", None, "Comma-separated .txt / .jsonl paths or globs.", required=True)
-    flags.DEFINE_string("tokenizer", "ouro", "Tokenizer: 'ouro' or a tokenizer.json path.")
-    flags.DEFINE_string("output", None, "Output directory (must not exist or be empty).", required=True)
-    flags.DEFINE_string("field", "text", "Text field of .jsonl lines.")
-    flags.DEFINE_list("group_by", None, "jsonl fields whose equal consecutive values form one document.")
-    flags.DEFINE_integer("shard_docs", 10_000, "Documents per ArrayRecord shard.")
-    flags.DEFINE_integer("eos_id", None, "Id appended to each document (default: <|endoftext|>).")
-    flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty output directory.")
-
-
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    f = flags.FLAGS
-    try:
-        meta = prepare(f.input, f.tokenizer, f.output, field=f.field, group_by=f.group_by,
-                       shard_docs=f.shard_docs, eos_id=f.eos_id, overwrite=f.overwrite)
-    except (OSError, ValueError) as e:
-        sys.exit(f"prepare: {e}")
-    print(f"prepare: {meta['num_docs']} documents, {meta['num_tokens']} tokens, {len(meta['shards'])} shards "
-          f"-> {os.path.abspath(f.output)}")
-
-
-if __name__ == "__main__":
-    _define_flags()
-    app.run(main)

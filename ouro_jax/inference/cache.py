@@ -1,30 +1,31 @@
-"""The KV cache of a looped model, with decode-time KV sharing (ouro_spec.md §5, paper Table 14).
+"""The KV cache of a looped model, with decode-time KV sharing (arXiv:2510.25741 §5.4.2, Table 14).
 
-Shapes: T loop steps that may run (config.total_ut_steps, or k+1 with `exit_at_step=k`), N layers,
-B batch, P prompt length (left-padded), M = max_new_tokens, K kv heads, H head_dim.
+Shapes: T loops that may run (config.total_ut_steps, or k with `exit_at_loop=k`), N layers, B batch,
+P prompt length (left-padded), M = max_new_tokens, K kv heads, H head_dim. Loops are addressed by their
+0-based loop index t (t = 0 is loop 1), layers by their index l.
 
-Layout: one array per cache slot, slot index t * N + l for loop step t and layer l (the released
-code's `cache_idx`), so that a step reads and writes its slots with no slicing copies.
-  prompt_k, prompt_v  T*N arrays [B, K, P, H]: one slot per (loop step, layer) for every prompt token;
-                      the paper keeps all T caches for the prompt (sharing them in prefill costs >10 points).
+Layout: one array per cache slot, slot index t * N + l for loop index t and layer l (the released
+code's `cache_idx`), so that a loop reads and writes its slots with no slicing copies.
+  prompt_k, prompt_v  T*N arrays [B, K, P, H]: one slot per (loop, layer) for every prompt token; the
+                      paper keeps all T caches for the prompt (sharing them in prefill costs >10 points).
   decode_k, decode_v  the decoded tokens. sharing "none": T*N arrays [B, K, M, H], one slot per
-                      (step, layer) as in the released code (exact). sharing "last" / "average": N arrays
-                      [B, K, M, H], ONE slot per layer that every loop step reads, so decoded-token memory
+                      (loop, layer) as in the released code (exact). sharing "last" / "average": N arrays
+                      [B, K, M, H], ONE slot per layer that every loop reads, so decoded-token memory
                       is 1/T of "none".
 Decoded token j (the j-th token fed back, j = 0..M-2) lives at position j; position M-1 is never written
 (the last generated token is not fed back).
 
-Which K/V a query reads, for the token being decoded at loop step t, layer l:
-  * prompt tokens: their own step-t K/V, slot (t, l);
+Which K/V a query reads, for the token being decoded at loop index t, layer l:
+  * prompt tokens: their own loop-t K/V, slot (t, l);
   * earlier decoded tokens: slot (t, l) ("none") or their single shared entry of layer l;
-  * itself: the K/V it computes at step t during this forward (never a shared entry: the shared entry
-    of a token is written only after its whole loop has run).
-Shared entry of a token ("last"): its K/V at the last step it executed; ("average"): the mean of its
-K/V over the steps it executed (steps 0..e for a token that exited at step e).
+  * itself: the K/V it computes in loop t during this forward (never a shared entry: the shared entry
+    of a token is written only after its whole recurrence has run).
+Shared entry of a token ("last"): its K/V of the last loop it ran; ("average"): the mean of its K/V over
+the loops it ran (indices 0..e for a token that exited at loop index e).
 
-Skipped steps: a token that exits at step e < T-1 never computes steps e+1..T-1; with sharing "none"
-their slots get a copy of its step-e K/V (`fill_skipped`), so later tokens that run those steps
-attend to the token's last computed state (the Huginn "latest" policy; ouro_spec.md §5 leaves it open).
+Skipped loops: a token that exits at loop index e < T-1 never runs loops e+1..T-1; with sharing "none"
+their slots get a copy of its loop-e K/V (`fill_skipped`), so later tokens that run those loops attend
+to the token's last computed state (the Huginn "latest" policy; the paper leaves this open).
 """
 
 from __future__ import annotations
@@ -33,42 +34,35 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from ouro_jax.model.exits import select_loop
+
 SHARING = ("none", "last", "average")
 
 
-def take_step(x: jax.Array, step: jax.Array, batch_axis: int) -> jax.Array:
-    """Per-row gather along the leading step axis. x [T, ...] with rows on `batch_axis`, step [B] int
-    -> x without its step axis."""
-    shape = [1] * x.ndim
-    shape[batch_axis] = step.shape[0]
-    index = jnp.broadcast_to(step.reshape(shape), (1, *x.shape[1:]))
-    return jnp.take_along_axis(x, index, axis=0)[0]
+def fill_skipped(x: jax.Array, exit_loop: jax.Array, batch_axis: int) -> jax.Array:
+    """Copy each row's exit-loop entry into the loops it skipped.
 
-
-def fill_skipped(x: jax.Array, exit_step: jax.Array, batch_axis: int) -> jax.Array:
-    """Copy each row's exit-step entry into the steps it skipped.
-
-    x [T, ...] one token's per-step values (entries after a row's exit step are don't-care), rows on
-    `batch_axis`; exit_step [B] int, the last step each row executed -> x with steps > exit_step filled.
+    x [T, ...] one token's per-loop values (entries after a row's exit loop are don't-care), rows on
+    `batch_axis`; exit_loop [B] int, the loop index each row ran last -> x with indices > exit_loop filled.
     """
     shape = [1] * x.ndim
-    shape[batch_axis] = exit_step.shape[0]
-    steps = jnp.arange(x.shape[0]).reshape(-1, *[1] * (x.ndim - 1))
-    executed = steps <= exit_step.reshape(shape)
-    return jnp.where(executed, x, take_step(x, exit_step, batch_axis)[None])
+    shape[batch_axis] = exit_loop.shape[0]
+    loops = jnp.arange(x.shape[0]).reshape(-1, *[1] * (x.ndim - 1))
+    ran = loops <= exit_loop.reshape(shape)
+    return jnp.where(ran, x, select_loop(x, exit_loop, batch_axis)[None])
 
 
-def share(kv: jax.Array, exit_step: jax.Array, sharing: str) -> jax.Array:
+def share(kv: jax.Array, exit_loop: jax.Array, sharing: str) -> jax.Array:
     """The single decode-time entry per layer of one token.
 
-    kv [T, N, B, K, H]; exit_step [B] -> [N, B, K, H]: step `exit_step`'s K/V ("last") or the mean over
-    steps 0..exit_step ("average", accumulated in float32).
+    kv [T, N, B, K, H]; exit_loop [B] loop index -> [N, B, K, H]: loop `exit_loop`'s K/V ("last") or the
+    mean over loop indices 0..exit_loop ("average", accumulated in float32).
     """
     if sharing == "last":
-        return take_step(kv, exit_step, batch_axis=2)
-    executed = jnp.arange(kv.shape[0])[:, None, None, None, None] <= exit_step[None, None, :, None, None]
-    total = jnp.sum(jnp.where(executed, kv.astype(jnp.float32), 0.0), axis=0)
-    return (total / (exit_step + 1).astype(jnp.float32)[None, :, None, None]).astype(kv.dtype)
+        return select_loop(kv, exit_loop, axis=2)
+    ran = jnp.arange(kv.shape[0])[:, None, None, None, None] <= exit_loop[None, None, :, None, None]
+    total = jnp.sum(jnp.where(ran, kv.astype(jnp.float32), 0.0), axis=0)
+    return (total / (exit_loop + 1).astype(jnp.float32)[None, :, None, None]).astype(kv.dtype)
 
 
 @struct.dataclass
@@ -88,31 +82,31 @@ class KVCache:
         for M tokens."""
         if sharing not in SHARING:
             raise ValueError(f"kv_sharing={sharing!r} must be one of {SHARING}")
-        flat = lambda nested: tuple(x for per_step in nested for x in per_step)
+        flat = lambda nested: tuple(x for per_loop in nested for x in per_loop)
         b, k, _, h = prompt_k[0][0].shape
         slots = len(prompt_k) * len(prompt_k[0]) if sharing == "none" else len(prompt_k[0])
         dtype = prompt_k[0][0].dtype
         zeros = lambda: tuple(jnp.zeros((b, k, max_new_tokens, h), dtype) for _ in range(slots))
         return cls(flat(prompt_k), flat(prompt_v), zeros(), zeros(), len(prompt_k[0]), sharing)
 
-    def prompt(self, step: int, layer: int) -> tuple[jax.Array, jax.Array]:
-        """Prompt K/V read at (step, layer): two [B, K, P, H] arrays."""
-        slot = step * self.num_layers + layer
+    def prompt(self, loop: int, layer: int) -> tuple[jax.Array, jax.Array]:
+        """Prompt K/V read at (loop index, layer): two [B, K, P, H] arrays."""
+        slot = loop * self.num_layers + layer
         return self.prompt_k[slot], self.prompt_v[slot]
 
-    def decoded(self, step: int, layer: int) -> tuple[jax.Array, jax.Array]:
-        """Decoded-token K/V read at (step, layer): two [B, K, M, H] arrays."""
-        slot = step * self.num_layers + layer if self.sharing == "none" else layer
+    def decoded(self, loop: int, layer: int) -> tuple[jax.Array, jax.Array]:
+        """Decoded-token K/V read at (loop index, layer): two [B, K, M, H] arrays."""
+        slot = loop * self.num_layers + layer if self.sharing == "none" else layer
         return self.decode_k[slot], self.decode_v[slot]
 
-    def write(self, position: jax.Array, k: jax.Array, v: jax.Array, exit_step: jax.Array) -> KVCache:
-        """Store one decoded token at `position`. k, v [T, N, B, K, H] as computed (skipped steps are
-        don't-care); exit_step [B] the last step each row executed."""
+    def write(self, position: jax.Array, k: jax.Array, v: jax.Array, exit_loop: jax.Array) -> KVCache:
+        """Store one decoded token at `position`. k, v [T, N, B, K, H] as computed (skipped loops are
+        don't-care); exit_loop [B] the loop index each row ran last."""
         if self.sharing == "none":
-            k, v = fill_skipped(k, exit_step, 2), fill_skipped(v, exit_step, 2)
+            k, v = fill_skipped(k, exit_loop, 2), fill_skipped(v, exit_loop, 2)
             k, v = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])  # [T*N, B, K, H]
         else:
-            k, v = share(k, exit_step, self.sharing), share(v, exit_step, self.sharing)  # [N, B, K, H]
+            k, v = share(k, exit_loop, self.sharing), share(v, exit_loop, self.sharing)  # [N, B, K, H]
         update = lambda slots, new: tuple(
             jax.lax.dynamic_update_slice(slot, x[:, :, None], (0, 0, position, 0))
             for slot, x in zip(slots, new, strict=True))

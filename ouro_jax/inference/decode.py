@@ -1,32 +1,37 @@
 """Batched generation for Ouro: a jitted prefill and a jitted decode loop with per-token adaptive depth.
 
-Shapes: B batch, P prompt length, M = max_new_tokens, T loop steps that may run, N layers, D hidden,
+Shapes: B batch, P prompt length, M = max_new_tokens, T loops that may run, N layers, D hidden,
 Nq query heads, K kv heads, H head_dim, V vocab.
+
+Loops: users see loops numbered 1..T (`exit_at_loop=k` runs loops 1..k; `GenerateOutput.exit_loops`
+holds the loop 1..T each token came from; `GenerateStats.mean_depth` averages it). Inside this module a
+loop is its 0-based loop index t (t = 0 is loop 1); `exit_index` is such an index, -1 where no token was
+generated.
 
 Prompts are LEFT-padded: row b's prompt fills the last `prompt_lengths[b]` columns of `input_ids`
 (`left_pad` builds such a batch). Each row's RoPE positions start at 0 at its first real token and its
 queries never see padding, so a row gives the same tokens in any batch as alone (what HF `generate`
 does with a left-padded `attention_mask`). Every row then writes its new tokens at the same cache
-position at each decode step.
+position at each decoded token.
 
-Engine (functional: the model is `nnx.split` once, the jitted functions take its params):
-  prefill  all prompt tokens through all T steps (the prompt keeps every (step, layer) K/V, see
-           `cache.py`); the first new token comes from the last position at its exit step (the policy
-           applied to the already computed steps: prefill saves no compute).
-  decode   `lax.while_loop` over tokens, stopping when all rows are done or M tokens exist. A token's
-           T loop steps are unrolled and step t > 0 runs under `lax.cond` only while some unfinished
-           row has not exited (`policies.py`): a bounded loop whose remaining steps are skipped, not
-           computed. (Unrolling lets every step address its own cache slots statically; a dynamic
-           step index would copy the step's whole cache slice on every step.) A fixed depth (full,
-           or `exit_at_step`) runs its steps without conds: on CPU a cond costs a few µs, which only
-           matters for tiny models. A row that exits earlier than others keeps its state: its hidden
-           state (hence logits) stays frozen at its exit step and its K/V for the skipped steps are
-           copies of the exit step's (`cache.py`). Exited rows still ride along in the batched
-           computation of the steps others run (static shapes); their results are discarded.
-The layers run with their own norms and MLP modules, but with q/k/v and gate/up kernels
-concatenated (`_FusedLayer`): fewer, larger matmuls, the same arithmetic.
-Exit steps are 0-based everywhere (`exit_steps[b, i] = t` means token i came from loop step t, i.e.
-t+1 loops); `GenerateStats.mean_depth` counts loops (1-based).
+Engine (functional: the model is `nnx.split` once, the jitted functions take its params). Both phases run
+the model's own decoder layers (`DecoderLayer.with_kv`, which also returns each layer's k, v), sliced off
+the stack and fused (`DecoderLayer.fuse`: one q/k/v and one gate/up matmul) once outside the loops; only
+the layers' `attend` hook differs:
+  prefill  all prompt tokens through all T loops with `masked_attention` under the left-padding mask
+           (the prompt keeps every (loop, layer) K/V, see `cache.py`); the first new token comes from
+           the last position at its exit loop (the policy applied to the already computed loops:
+           prefill saves no compute).
+  decode   `lax.while_loop` over tokens, stopping when all rows are done or M tokens exist; attention is
+           `_cached_attention` over the cache. A token's T loops are unrolled and loop index t > 0 runs
+           under `lax.cond` only while some unfinished row has not exited (`policies.py`): a bounded
+           recurrence whose remaining loops are skipped, not computed. (Unrolling lets every loop address
+           its own cache slots statically; a dynamic loop index would copy the loop's whole cache slice
+           each time.) A fixed depth (full, or `exit_at_loop`) runs its loops without conds: on CPU a
+           cond costs a few µs, which only matters for tiny models. A row that exits earlier than others
+           keeps its state: its hidden state (hence logits) stays frozen at its exit loop and its K/V for
+           the skipped loops are copies of the exit loop's (`cache.py`). Exited rows still ride along in
+           the batched computation of the loops others run (static shapes); their results are discarded.
 """
 
 from __future__ import annotations
@@ -43,18 +48,20 @@ import numpy as np
 from flax import nnx, struct
 from jax.experimental import io_callback
 
-from ouro_jax.inference.cache import SHARING, KVCache, fill_skipped, take_step
+from ouro_jax.inference.cache import SHARING, KVCache, fill_skipped
 from ouro_jax.inference.policies import ExitPolicy
 from ouro_jax.inference.sampling import row_keys, sample
-from ouro_jax.model.layers import apply_rope, rope_cos_sin
+from ouro_jax.model.exits import select_loop
+from ouro_jax.model.layers import masked_attention, rope_cos_sin
 
 EXIT_POLICIES = ("gate", "hidden_delta")
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
-    """Static settings of one compiled generation (part of the compilation key). stream: the decode
-    loop reports every token to the `on_token` callback registered under `Knobs.stream_id`."""
+    """Static settings of one compiled generation (part of the compilation key). loop_logits: keep every
+    loop's logits; stream: the decode loop reports every token to the `on_token` callback registered
+    under `Knobs.stream_id`."""
 
     policy: ExitPolicy
     kv_sharing: str
@@ -63,7 +70,7 @@ class DecodeSpec:
     top_k: int | None
     top_p: bool
     pad_id: int
-    step_logits: bool
+    loop_logits: bool
     stream: bool
 
 
@@ -83,39 +90,41 @@ _STREAMS: dict[int, Callable] = {}  # stream_id -> on_token of a running generat
 _stream_ids = itertools.count()
 
 
-def _emit(stream_id, index, tokens, exit_steps, done):
-    _STREAMS[int(stream_id)](int(index), np.asarray(tokens), np.asarray(exit_steps), np.asarray(done))
+def _emit(stream_id, index, tokens, exit_index, done):
+    """Host side of streaming: on_token with 1-based exit loops (0 for rows that had stopped)."""
+    _STREAMS[int(stream_id)](int(index), np.asarray(tokens), np.asarray(exit_index) + 1, np.asarray(done))
 
 
 @struct.dataclass
 class DecodeState:
     """The decode loop's carry.
 
-    index: the next token index to produce (1..M); tokens, exit_steps [B, M] int32 (pad / -1 after a
-    row stopped); forced [B, M] int32 tokens fed back instead of `tokens` (teacher forcing) or None;
-    done [B] bool; lengths [B] prompt lengths; keys [B] row PRNG keys; loop_steps: loop steps executed
-    by the decode loop; step_logits [M, T, B, V] float32 or None.
+    index: the next token index to produce (1..M); tokens [B, M] int32 (pad after a row stopped);
+    exit_index [B, M] int32 the 0-based loop index each token came from (-1 after a row stopped);
+    forced [B, M] int32 tokens fed back instead of `tokens` (teacher forcing) or None; done [B] bool;
+    lengths [B] prompt lengths; keys [B] row PRNG keys; loops_run: loops the decode loop ran (scalar);
+    loop_logits [M, T, B, V] float32 or None.
     """
 
     index: jax.Array
     tokens: jax.Array
     forced: jax.Array | None
-    exit_steps: jax.Array
+    exit_index: jax.Array
     done: jax.Array
     lengths: jax.Array
     keys: jax.Array
     cache: KVCache
-    loop_steps: jax.Array
-    step_logits: jax.Array | None
+    loops_run: jax.Array
+    loop_logits: jax.Array | None
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerateStats:
     """Run statistics.
 
-    mean_depth: mean loops used per generated (non-pad) token, 1-based (exit step + 1).
-    loop_steps / loop_steps_full: loop steps the decode loop executed (one step = N layers for the
-      whole batch) and what full depth would have executed for the same tokens.
+    mean_depth: mean loops used per generated (non-pad) token (the mean of `exit_loops`).
+    loops_run / loops_full_depth: loops the decode loop ran (one loop = N layers for the whole batch)
+      and what full depth would have run for the same tokens.
     prefill_s, decode_s: wall time of the compiled prefill and decode loop; compile_s: compilation in
       this call (0 when cached).
     tokens_per_s: generated (non-pad) tokens / (prefill_s + decode_s);
@@ -124,8 +133,8 @@ class GenerateStats:
     """
 
     mean_depth: float
-    loop_steps: int
-    loop_steps_full: int
+    loops_run: int
+    loops_full_depth: int
     prefill_s: float
     decode_s: float
     compile_s: float
@@ -136,52 +145,23 @@ class GenerateStats:
 
 @dataclasses.dataclass(frozen=True)
 class GenerateOutput:
-    """tokens [B, M] int32 (pad_id after a row's stop token); exit_steps [B, M] int32, the 0-based loop
-    step each token came from (-1 after the row stopped); lengths [B] generated tokens per row
-    (including its stop token); step_logits [B, M, T, V] float32 every step's logits of each token
-    (skipped steps repeat the exit step's), only with `output_step_logits=True`; cache: the final
-    `KVCache` (on device)."""
+    """tokens [B, M] int32 (pad_id after a row's stop token); exit_loops [B, M] int32, the loop (1..T)
+    each token came from, i.e. the loops it ran (0 after the row stopped); lengths [B] generated tokens
+    per row (including its stop token); loop_logits [B, M, T, V] float32 every loop's logits of each
+    token, loop t at index t - 1 (skipped loops repeat the exit loop's), only with
+    `output_loop_logits=True`; cache: the final `KVCache` (on device)."""
 
     tokens: np.ndarray
-    exit_steps: np.ndarray
+    exit_loops: np.ndarray
     lengths: np.ndarray
     stats: GenerateStats
     cache: KVCache
-    step_logits: np.ndarray | None = None
+    loop_logits: np.ndarray | None = None
 
 
-# --- the model pieces, applied with a cache ------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class _FusedLayer:
-    """One decoder layer for decoding: its modules plus its q/k/v kernels concatenated into `qkv`
-    [D, (Nq + 2K) * H], o_proj as `out` [Nq * H, D] and gate/up as `gate_up` [D, 2F] (compute dtype),
-    so a step runs 4 matmuls per layer instead of 7."""
-
-    layer: nnx.Module
-    qkv: jax.Array
-    out: jax.Array
-    gate_up: jax.Array
-
-
-def _fused_layers(model) -> list[_FusedLayer]:
-    """The N stacked decoder layers as `_FusedLayer`s. Slicing and concatenating the parameters here,
-    once, outside the decode loops keeps weight copies out of the loop bodies."""
-    graphdef, stacked = nnx.split(model.layers)
-    dtype = model.config.compute_dtype
-    fused = []
-    for i in range(model.config.num_hidden_layers):
-        layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
-        attn, mlp = layer.self_attn, layer.mlp
-        flat = lambda proj: proj.kernel[...].astype(dtype).reshape(proj.kernel.shape[0], -1)
-        fused.append(_FusedLayer(
-            layer=layer, qkv=jnp.concatenate([flat(attn.q_proj), flat(attn.k_proj), flat(attn.v_proj)], 1),
-            out=attn.o_proj.kernel[...].astype(dtype).reshape(-1, model.config.hidden_size),
-            gate_up=jnp.concatenate([flat(mlp.gate_proj), flat(mlp.up_proj)], 1)))
-    return fused
-
-
+# --- the layers, applied with a cache ---------------------------------------------------------------
 def _apply_layers(layers, fn, x):
-    """x -> fn(layers[i], x, i) in order -> (x, list of the N per-layer outputs)."""
+    """x -> fn(layers[i], x, i) in order -> (x, tuple of the N per-layer outputs, transposed)."""
     outs = []
     for i, layer in enumerate(layers):
         x, out = fn(layer, x, i)
@@ -189,31 +169,10 @@ def _apply_layers(layers, fn, x):
     return x, tuple(zip(*outs, strict=True))
 
 
-def _layer(fused: _FusedLayer, x, cos, sin, attend):
-    """One decoder layer in the released order (`layers.DecoderLayer`) with pluggable attention.
-
-    x [B, S, D]; cos, sin [B, S, 1, H]; attend(q [B,S,Nq,H], k, v [B,S,K,H]) -> [B, S, Nq, H].
-    Returns (x [B, S, D], (k, v) [B, S, K, H] of this layer, after RoPE).
-    """
-    b, s, d = x.shape
-    layer, attn = fused.layer, fused.layer.self_attn
-    nq, kv, h = attn.q_proj.kernel.shape[1], attn.k_proj.kernel.shape[1], attn.q_proj.kernel.shape[2]
-    qkv = layer.input_layernorm(x).reshape(b * s, d) @ fused.qkv
-    q, k, v = jnp.split(qkv, [nq * h, (nq + kv) * h], axis=-1)
-    q = apply_rope(q.reshape(b, s, nq, h), cos, sin)
-    k = apply_rope(k.reshape(b, s, kv, h), cos, sin)
-    v = v.reshape(b, s, kv, h)
-    context = attend(q, k, v).reshape(b * s, nq * h)
-    x = x + layer.input_layernorm_2((context @ fused.out).reshape(b, s, d))
-    gate, up = jnp.split(layer.post_attention_layernorm(x).reshape(b * s, d) @ fused.gate_up, 2, axis=-1)
-    mlp = layer.mlp.down_proj(jax.nn.silu(gate) * up).reshape(b, s, d)
-    return x + layer.post_attention_layernorm_2(mlp), (k, v)
-
-
 def _cached_attention(q, k, v, cached, prompt_valid, decoded_valid, scale):
-    """Attention of one new token over prompt, earlier decoded tokens and itself.
+    """The decode `Attend` hook: one new token over prompt, earlier decoded tokens and itself.
 
-    q [B, 1, Nq, H]; k, v [B, 1, K, H] (its own, this step); cached = (prompt_k, prompt_v [B, K, P, H],
+    q [B, 1, Nq, H]; k, v [B, 1, K, H] (its own, this loop); cached = (prompt_k, prompt_v [B, K, P, H],
     decoded_k, decoded_v [B, K, M, H]); prompt_valid [B, P], decoded_valid [M] bool. Scores and softmax
     in float32 over the three parts jointly -> [B, 1, Nq, H].
     """
@@ -239,28 +198,26 @@ def _cached_attention(q, k, v, cached, prompt_valid, decoded_valid, scale):
 # --- prefill ---------------------------------------------------------------------------------------
 def _prefill(graphdef, spec: DecodeSpec, params, input_ids, lengths, keys, forced,
              knobs: Knobs) -> DecodeState:
-    """All prompt tokens through all T steps; the first new token from the last position's exit step."""
+    """All prompt tokens through all T loops; the first new token from the last position's exit loop."""
     model = nnx.merge(graphdef, params)
     cfg = model.config
     b, p = input_ids.shape
-    t_max, m = spec.policy.num_steps, spec.max_new_tokens
+    num_loops, m = spec.policy.num_loops, spec.max_new_tokens
     index = jnp.arange(p)
     pad = (p - lengths)[:, None]
     valid = index[None] >= pad  # [B, P]
     mask = ((index[:, None] >= index[None]) & valid[:, None, :]) | jnp.eye(p, dtype=jnp.bool_)
     cos, sin = rope_cos_sin(jnp.maximum(index[None] - pad, 0), cfg.head_dim, cfg.rope_theta,
-                            cfg.compute_dtype)
-    attend = functools.partial(jax.nn.dot_product_attention, mask=mask[:, None], scale=cfg.head_dim ** -0.5,
-                               implementation=model.layers.self_attn.implementation)
-
-    layers = _fused_layers(model)
+                            cfg.compute_jnp_dtype)
+    attend = masked_attention(cfg, mask[:, None])
 
     def layer_fn(layer, x, _):
-        x, (k, v) = _layer(layer, x, cos, sin, attend)
+        x, (k, v) = layer.with_kv(x, cos, sin, attend)
         return x, (k.swapaxes(1, 2), v.swapaxes(1, 2))  # [B, K, P, H]
 
+    layers = [layer.fuse() for layer in model.unstacked_layers()]
     h, ks, vs, last, gates = model.embed(input_ids), [], [], [], []
-    for _ in range(t_max):
+    for _ in range(num_loops):
         h, (k, v) = _apply_layers(layers, layer_fn, h)
         h = model.norm(h)
         ks.append(k)
@@ -268,31 +225,31 @@ def _prefill(graphdef, spec: DecodeSpec, params, input_ids, lengths, keys, force
         last.append(h[:, -1])
         gates.append(model.gate_logit(h[:, -1:])[:, 0])
     last, gates = jnp.stack(last), jnp.stack(gates)  # [T, B, D], [T, B]
-    exit_step = spec.policy.first_exit(last, gates, knobs.threshold)
-    logits = model.logits(take_step(last, exit_step, 1)[:, None])[:, 0]
+    exit_index = spec.policy.first_exit(last, gates, knobs.threshold)
+    logits = model.logits(select_loop(last, exit_index)[:, None])[:, 0]
     token = sample(logits, keys, 0, greedy=spec.greedy, temperature=knobs.temperature, top_k=spec.top_k,
                    top_p=knobs.top_p if spec.top_p else None)
-    step_logits = None
-    if spec.step_logits:
-        step_logits = jnp.zeros((m, t_max, b, cfg.vocab_size), jnp.float32).at[0].set(
+    loop_logits = None
+    if spec.loop_logits:
+        loop_logits = jnp.zeros((m, num_loops, b, cfg.vocab_size), jnp.float32).at[0].set(
             model.logits(last[:, :, None])[:, :, 0])
     return DecodeState(
         index=jnp.int32(1),
         tokens=jnp.full((b, m), spec.pad_id, jnp.int32).at[:, 0].set(token), forced=forced,
-        exit_steps=jnp.full((b, m), -1, jnp.int32).at[:, 0].set(exit_step),
+        exit_index=jnp.full((b, m), -1, jnp.int32).at[:, 0].set(exit_index),
         done=jnp.isin(token, knobs.stop_tokens),
         lengths=lengths, keys=keys, cache=KVCache.create(ks, vs, m, spec.kv_sharing),
-        loop_steps=jnp.int32(0), step_logits=step_logits)
+        loops_run=jnp.int32(0), loop_logits=loop_logits)
 
 
 # --- decode ----------------------------------------------------------------------------------------
 def _decode_token(model, layers, spec: DecodeSpec, state: DecodeState, threshold):
-    """Run token `state.index - 1` (fed back at position index - 1) through its adaptive loop.
+    """Run token `state.index - 1` (fed back at position index - 1) through its adaptive recurrence.
 
-    The T steps are unrolled (each reads its own cache slots) and step t > 0 runs under `lax.cond` only
-    while some unfinished row has not exited, so steps no row needs are skipped.
-    Returns (logits [B, V] of each row's exit step, exit_step [B], k, v [T, N, B, K, H] per step,
-    steps executed (scalar), per-step logits [T, B, V] or None).
+    The T loops are unrolled (each reads its own cache slots) and loop index t > 0 runs under `lax.cond`
+    only while some unfinished row has not exited, so loops no row needs are skipped.
+    Returns (logits [B, V] of each row's exit loop, exit_index [B], k, v [T, N, B, K, H] per loop,
+    loops run (scalar), per-loop logits [T, B, V] or None).
     """
     cfg = model.config
     cache, position = state.cache, state.index - 1
@@ -300,17 +257,17 @@ def _decode_token(model, layers, spec: DecodeSpec, state: DecodeState, threshold
     tokens = jax.lax.dynamic_index_in_dim(fed, position, axis=1, keepdims=True)  # [B, 1]
     b, p = tokens.shape[0], cache.prompt_k[0].shape[2]
     cos, sin = rope_cos_sin(state.lengths[:, None] + position, cfg.head_dim, cfg.rope_theta,
-                            cfg.compute_dtype)
+                            cfg.compute_jnp_dtype)
     attend = functools.partial(
         _cached_attention, prompt_valid=jnp.arange(p)[None] >= (p - state.lengths)[:, None],
         decoded_valid=jnp.arange(spec.max_new_tokens) < position, scale=cfg.head_dim ** -0.5)
 
-    def run_step(t, carry):
-        h, exited, exit_step, policy_state, steps = carry
+    def run_loop(t, carry):
+        h, exited, exit_index, policy_state, loops_run = carry
 
         def layer_fn(layer, x, i):
             cached = (*cache.prompt(t, i), *cache.decoded(t, i))
-            x, (k, v) = _layer(layer, x, cos, sin, functools.partial(attend, cached=cached))
+            x, (k, v) = layer.with_kv(x, cos, sin, functools.partial(attend, cached=cached))
             return x, (k[:, 0], v[:, 0])
 
         h_new, (k, v) = _apply_layers(layers, layer_fn, h)
@@ -319,57 +276,58 @@ def _decode_token(model, layers, spec: DecodeSpec, state: DecodeState, threshold
                                                     model.gate_logit(h_new)[:, 0], threshold)
         running = ~exited
         carry = (jnp.where(running[:, None, None], h_new, h), exited | exit_now,
-                 jnp.where(running, t, exit_step), policy_state, steps + 1)
-        return carry, (jnp.stack(k), jnp.stack(v), model.logits(h_new)[:, 0] if spec.step_logits else None)
+                 jnp.where(running, t, exit_index), policy_state, loops_run + 1)
+        return carry, (jnp.stack(k), jnp.stack(v), model.logits(h_new)[:, 0] if spec.loop_logits else None)
 
     x = model.embed(tokens)
     carry = (x, state.done, jnp.zeros((b,), jnp.int32), spec.policy.init(x[:, 0]), jnp.int32(0))
     kv_zeros = jnp.zeros((cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim), x.dtype)
-    skipped = (kv_zeros, kv_zeros, jnp.zeros((b, cfg.vocab_size), jnp.float32) if spec.step_logits else None)
+    skipped = (kv_zeros, kv_zeros, jnp.zeros((b, cfg.vocab_size), jnp.float32) if spec.loop_logits else None)
     outputs = []
-    for t in range(spec.policy.num_steps):
-        # Some row is unfinished (else the token loop has stopped), so step 0 always runs, and so does
-        # every step of the "fixed" policy, which exits no row early: no cond (and its cost) there.
+    for t in range(spec.policy.num_loops):
+        # Some row is unfinished (else the token loop has stopped), so loop 1 always runs, and so does
+        # every loop of the "fixed" policy, which exits no row early: no cond (and its cost) there.
         if t == 0 or spec.policy.kind == "fixed":
-            carry, out = run_step(t, carry)
+            carry, out = run_loop(t, carry)
         else:
             carry, out = jax.lax.cond(jnp.all(carry[1]), lambda c: (c, skipped),
-                                      functools.partial(run_step, t), carry)
+                                      functools.partial(run_loop, t), carry)
         outputs.append(out)
-    h, _, exit_step, _, steps = carry
-    k, v, step_logits = (None if per_step[0] is None else jnp.stack(per_step)
-                         for per_step in zip(*outputs, strict=True))
-    if step_logits is not None:
-        step_logits = fill_skipped(step_logits, exit_step, 1)
-    return model.logits(h)[:, 0], exit_step, k, v, steps, step_logits
+    h, _, exit_index, _, loops_run = carry
+    k, v, loop_logits = (None if per_loop[0] is None else jnp.stack(per_loop)
+                         for per_loop in zip(*outputs, strict=True))
+    if loop_logits is not None:
+        loop_logits = fill_skipped(loop_logits, exit_index, 1)
+    return model.logits(h)[:, 0], exit_index, k, v, loops_run, loop_logits
 
 
 def _decode(graphdef, spec: DecodeSpec, params, state: DecodeState, knobs: Knobs) -> DecodeState:
     """Generate tokens 1..M-1 (`lax.while_loop`, stops early once every row is done)."""
     model = nnx.merge(graphdef, params)
-    layers = _fused_layers(model)
+    layers = [layer.fuse() for layer in model.unstacked_layers()]
 
     def body(s: DecodeState) -> DecodeState:
-        logits, exit_step, k, v, steps, step_logits = _decode_token(model, layers, spec, s, knobs.threshold)
+        logits, exit_index, k, v, loops_run, loop_logits = _decode_token(model, layers, spec, s,
+                                                                          knobs.threshold)
         token = sample(logits, s.keys, s.index, greedy=spec.greedy, temperature=knobs.temperature,
                        top_k=spec.top_k, top_p=knobs.top_p if spec.top_p else None)
         token = jnp.where(s.done, spec.pad_id, token)
-        exit_step = jnp.where(s.done, -1, exit_step)
+        exit_index = jnp.where(s.done, -1, exit_index)
         if spec.stream:
-            io_callback(_emit, None, knobs.stream_id, s.index, token, exit_step, s.done, ordered=True)
+            io_callback(_emit, None, knobs.stream_id, s.index, token, exit_index, s.done, ordered=True)
         return s.replace(
             index=s.index + 1,
             tokens=s.tokens.at[:, s.index].set(token),
-            exit_steps=s.exit_steps.at[:, s.index].set(exit_step),
+            exit_index=s.exit_index.at[:, s.index].set(exit_index),
             done=s.done | jnp.isin(token, knobs.stop_tokens),
-            cache=s.cache.write(s.index - 1, k, v, exit_step),
-            loop_steps=s.loop_steps + steps,
-            step_logits=None if step_logits is None else s.step_logits.at[s.index].set(step_logits))
+            cache=s.cache.write(s.index - 1, k, v, exit_index),
+            loops_run=s.loops_run + loops_run,
+            loop_logits=None if loop_logits is None else s.loop_logits.at[s.index].set(loop_logits))
 
     return jax.lax.while_loop(lambda s: (s.index < spec.max_new_tokens) & ~jnp.all(s.done), body, state)
 
 
-# --- compilation cache and the public API ------------------------------------------------------------
+# --- compilation cache and running ------------------------------------------------------------------
 @functools.lru_cache(maxsize=32)
 def _compile(fn, graphdef, spec: DecodeSpec, treedef, leaves):
     args = jax.tree.unflatten(treedef, leaves)
@@ -390,6 +348,27 @@ def _run(fn, graphdef, spec, *args):
     return out, time.perf_counter() - start, compile_s
 
 
+def _execute(model, spec: DecodeSpec, knobs: Knobs, ids, lengths, seeds, forced,
+             on_token) -> tuple[DecodeState, float, float, float]:
+    """Prefill, then the decode loop (streaming to `on_token` when given).
+    Returns (final state, prefill_s, decode_s, compile_s)."""
+    graphdef, params = nnx.split(model)
+    state, prefill_s, compile_prefill = _run(
+        _prefill, graphdef, spec, params, jnp.asarray(ids), jnp.asarray(lengths),
+        row_keys(jnp.asarray(seeds)), None if forced is None else jnp.asarray(forced), knobs)
+    stream_id = int(knobs.stream_id)
+    if on_token is not None:
+        on_token(0, np.asarray(state.tokens[:, 0]), np.asarray(state.exit_index[:, 0]) + 1,
+                 np.zeros(ids.shape[0], bool))
+        _STREAMS[stream_id] = on_token
+    try:
+        state, decode_s, compile_decode = _run(_decode, graphdef, spec, params, state, knobs)
+    finally:
+        _STREAMS.pop(stream_id, None)
+    return state, prefill_s, decode_s, compile_prefill + compile_decode
+
+
+# --- the public API ----------------------------------------------------------------------------------
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Token-id lists -> (input_ids [B, P] int32 left-padded with `pad_id`, prompt_lengths [B] int32)."""
     lengths = np.asarray([len(r) for r in rows], np.int32)
@@ -406,29 +385,93 @@ def _padded(stop_tokens: Sequence[int]) -> list[int]:
     return ids + [-1] * (size - len(ids))
 
 
-def _policy(num_steps, exit_threshold, exit_at_step, exit_policy, hidden_delta_eps):
+def _inputs(vocab_size: int, input_ids, prompt_lengths, max_new_tokens: int, forced_tokens):
+    """Validated (input_ids [B, P] int32, prompt_lengths [B] int32, forced_tokens [B, M] int32 or None)."""
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be a non-empty [batch, length] integer array, got {ids.shape}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size})")
+    b, p = ids.shape
+    lengths = np.full((b,), p, np.int32) if prompt_lengths is None else np.asarray(prompt_lengths, np.int32)
+    if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > p:
+        raise ValueError(f"prompt_lengths must be [{b}] values in [1, {p}], got {lengths}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if forced_tokens is not None:
+        forced_tokens = np.asarray(forced_tokens)
+        if forced_tokens.shape != (b, max_new_tokens) or forced_tokens.min() < 0 or (
+                forced_tokens.max() >= vocab_size):
+            raise ValueError(f"forced_tokens must be [{b}, {max_new_tokens}] ids in [0, {vocab_size})")
+        forced_tokens = forced_tokens.astype(np.int32)
+    return ids.astype(np.int32), lengths, forced_tokens
+
+
+def _policy(num_loops, exit_threshold, exit_at_loop, exit_policy, hidden_delta_eps):
     """(ExitPolicy, threshold) from generate's exit arguments, validated."""
     if exit_policy not in EXIT_POLICIES:
         raise ValueError(f"exit_policy={exit_policy!r} must be one of {EXIT_POLICIES}")
-    if exit_at_step is not None:
+    if exit_at_loop is not None:
         if exit_threshold is not None or exit_policy != "gate":
-            raise ValueError("exit_at_step fixes the depth: do not combine it with exit_threshold or "
+            raise ValueError("exit_at_loop fixes the depth: do not combine it with exit_threshold or "
                              "exit_policy='hidden_delta'")
-        if not 0 <= exit_at_step < num_steps:
-            raise ValueError(f"exit_at_step={exit_at_step} must lie in [0, {num_steps})")
-        return ExitPolicy("fixed", exit_at_step + 1), 0.0
+        if not 1 <= exit_at_loop <= num_loops:
+            raise ValueError(f"exit_at_loop={exit_at_loop} must lie in [1, {num_loops}]")
+        return ExitPolicy("fixed", exit_at_loop), 0.0
     if exit_policy == "hidden_delta":
         if exit_threshold is not None:
             raise ValueError("exit_threshold is the gate's q; exit_policy='hidden_delta' uses "
                              "hidden_delta_eps")
         if not hidden_delta_eps > 0:
             raise ValueError(f"hidden_delta_eps={hidden_delta_eps} must be > 0")
-        return ExitPolicy("hidden_delta", num_steps), hidden_delta_eps
+        return ExitPolicy("hidden_delta", num_loops), hidden_delta_eps
     if exit_threshold is None:
-        return ExitPolicy("fixed", num_steps), 0.0
+        return ExitPolicy("fixed", num_loops), 0.0
     if not 0.0 <= exit_threshold <= 1.0:
         raise ValueError(f"exit_threshold={exit_threshold} must lie in [0, 1]")
-    return ExitPolicy("gate", num_steps), exit_threshold
+    return ExitPolicy("gate", num_loops), exit_threshold
+
+
+def _settings(config, max_new_tokens: int, *, exit_threshold, exit_at_loop, exit_policy, hidden_delta_eps,
+              kv_sharing, temperature, top_k, top_p, stop_tokens, pad_id, output_loop_logits,
+              stream: bool) -> tuple[DecodeSpec, Knobs]:
+    """generate's settings, validated, split into the static `DecodeSpec` and the traced `Knobs`."""
+    if kv_sharing not in SHARING:
+        raise ValueError(f"kv_sharing={kv_sharing!r} must be one of {SHARING}")
+    if temperature < 0 or (top_k is not None and not 1 <= top_k <= config.vocab_size) or (
+            top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"need temperature >= 0, 1 <= top_k <= vocab, 0 < top_p <= 1; got "
+                         f"{temperature}, {top_k}, {top_p}")
+    policy, threshold = _policy(config.total_ut_steps, exit_threshold, exit_at_loop, exit_policy,
+                                hidden_delta_eps)
+    greedy = temperature == 0
+    spec = DecodeSpec(policy=policy, kv_sharing=kv_sharing, max_new_tokens=max_new_tokens, greedy=greedy,
+                      top_k=None if greedy else top_k, top_p=not greedy and top_p is not None,
+                      pad_id=pad_id, loop_logits=output_loop_logits, stream=stream)
+    knobs = Knobs(*(jnp.float32(x) for x in (threshold, temperature if not greedy else 1.0,
+                                              1.0 if top_p is None else top_p)),
+                  stop_tokens=jnp.asarray(_padded(stop_tokens), jnp.int32),
+                  stream_id=jnp.int32(next(_stream_ids)))
+    return spec, knobs
+
+
+def _output(state: DecodeState, spec: DecodeSpec, prefill_s: float, decode_s: float,
+            compile_s: float) -> GenerateOutput:
+    """The final decode state as host arrays with 1-based exit loops, and the run statistics."""
+    tokens, exit_loops = np.asarray(state.tokens), np.asarray(state.exit_index) + 1
+    generated = exit_loops > 0
+    decode_tokens = int(generated[:, 1:].sum())
+    stats = GenerateStats(
+        mean_depth=float(exit_loops[generated].mean()),
+        loops_run=int(state.loops_run),
+        loops_full_depth=(int(state.index) - 1) * spec.policy.num_loops,
+        prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_s,
+        tokens_per_s=int(generated.sum()) / (prefill_s + decode_s),
+        decode_tokens_per_s=decode_tokens / decode_s if decode_tokens else 0.0,
+        cache_bytes=state.cache.nbytes())
+    loop_logits = None if state.loop_logits is None else np.asarray(state.loop_logits).transpose(2, 0, 1, 3)
+    return GenerateOutput(tokens=tokens, exit_loops=exit_loops, lengths=generated.sum(1).astype(np.int32),
+                          stats=stats, cache=state.cache, loop_logits=loop_logits)
 
 
 def generate(
@@ -438,7 +481,7 @@ def generate(
     *,
     prompt_lengths=None,
     exit_threshold: float | None = None,
-    exit_at_step: int | None = None,
+    exit_at_loop: int | None = None,
     exit_policy: str = "gate",
     hidden_delta_eps: float = 0.05,
     kv_sharing: str = "none",
@@ -448,7 +491,7 @@ def generate(
     seed: int | Sequence[int] = 0,
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
-    output_step_logits: bool = False,
+    output_loop_logits: bool = False,
     on_token: Callable | None = None,
     forced_tokens=None,
 ) -> GenerateOutput:
@@ -460,81 +503,31 @@ def generate(
       max_new_tokens: M >= 1.
       prompt_lengths: [B] real tokens per row (the last ones of each row); default P for every row.
       exit_threshold: Q-exit q in [0, 1] on the gate's CDF (exit_policy "gate"); None: full depth.
-      exit_at_step: use loop step k (0-based) for every token; steps after k are never computed.
+      exit_at_loop: k in 1..T: every token runs loops 1..k and uses loop k's logits; loops after k are
+        never computed.
       exit_policy: "gate" (Q-exit) or "hidden_delta" (exit once ||h_t - h_{t-1}|| / ||h_{t-1}|| <
-        hidden_delta_eps, t >= 1).
+        hidden_delta_eps, from loop 2 on).
       kv_sharing: "none" | "last" | "average" decode-time KV sharing (`cache.py`).
       temperature: 0 is greedy; otherwise sampling with `top_k` / `top_p`, keys from `seed` (an int, or
         one per row; see `sampling.py`).
       stop_tokens: a row stops after generating one of these (kept in its output), then gets `pad_id`.
-      output_step_logits: also return every loop step's logits of every token (for analysis/tests).
-      on_token: streaming callback, on_token(index, tokens [B], exit_steps [B], done [B]) with numpy
-        arguments for every generated token index, in order; `done` marks rows that had already
-        stopped (their token is pad_id). Changing it never recompiles.
+      output_loop_logits: also return every loop's logits of every token (for analysis/tests).
+      on_token: streaming callback, on_token(index, tokens [B], exit_loops [B], done [B]) with numpy
+        arguments for every generated token index, in order; exit_loops as in `GenerateOutput`; `done`
+        marks rows that had already stopped (their token is pad_id, their exit loop 0). Changing it
+        never recompiles.
       forced_tokens: [B, M] teacher forcing: the decode loop feeds forced_tokens[:, i] back as token i
         instead of the generated one (the last column is never fed). `tokens` are still the model's
         own choices, so token i + 1 is its prediction after prompt + forced_tokens[:, :i + 1]: scoring
         a known continuation with the same cache and adaptive depth as generation.
     """
     cfg = model.config
-    ids = np.asarray(input_ids)
-    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be a non-empty [batch, length] integer array, got {ids.shape}")
-    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-        raise ValueError(f"input_ids must lie in [0, vocab_size={cfg.vocab_size})")
-    b, p = ids.shape
-    lengths = np.full((b,), p, np.int32) if prompt_lengths is None else np.asarray(prompt_lengths, np.int32)
-    if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > p:
-        raise ValueError(f"prompt_lengths must be [{b}] values in [1, {p}], got {lengths}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if kv_sharing not in SHARING:
-        raise ValueError(f"kv_sharing={kv_sharing!r} must be one of {SHARING}")
-    if temperature < 0 or (top_k is not None and not 1 <= top_k <= cfg.vocab_size) or (
-            top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(f"need temperature >= 0, 1 <= top_k <= vocab, 0 < top_p <= 1; got "
-                         f"{temperature}, {top_k}, {top_p}")
-    policy, threshold = _policy(cfg.total_ut_steps, exit_threshold, exit_at_step, exit_policy,
-                                hidden_delta_eps)
-    greedy = temperature == 0
-    spec = DecodeSpec(policy=policy, kv_sharing=kv_sharing, max_new_tokens=max_new_tokens, greedy=greedy,
-                      top_k=None if greedy else top_k, top_p=not greedy and top_p is not None,
-                      pad_id=pad_id, step_logits=output_step_logits, stream=on_token is not None)
-    stream_id = next(_stream_ids)
-    knobs = Knobs(*(jnp.float32(x) for x in (threshold, temperature if not greedy else 1.0,
-                                              1.0 if top_p is None else top_p)),
-                  stop_tokens=jnp.asarray(_padded(stop_tokens), jnp.int32), stream_id=jnp.int32(stream_id))
-    seeds = np.broadcast_to(np.asarray(seed, np.uint32), (b,))
-    graphdef, params = nnx.split(model)
-
-    if forced_tokens is not None:
-        forced_tokens = np.asarray(forced_tokens)
-        if forced_tokens.shape != (b, max_new_tokens) or forced_tokens.min() < 0 or (
-                forced_tokens.max() >= cfg.vocab_size):
-            raise ValueError(f"forced_tokens must be [{b}, {max_new_tokens}] ids in [0, {cfg.vocab_size})")
-        forced_tokens = jnp.asarray(forced_tokens, jnp.int32)
-    state, prefill_s, compile_prefill = _run(_prefill, graphdef, spec, params, jnp.asarray(ids, jnp.int32),
-                                             jnp.asarray(lengths), row_keys(jnp.asarray(seeds)),
-                                             forced_tokens, knobs)
-    if on_token is not None:
-        on_token(0, np.asarray(state.tokens[:, 0]), np.asarray(state.exit_steps[:, 0]), np.zeros(b, bool))
-        _STREAMS[stream_id] = on_token
-    try:
-        state, decode_s, compile_decode = _run(_decode, graphdef, spec, params, state, knobs)
-    finally:
-        _STREAMS.pop(stream_id, None)
-
-    tokens, exit_steps = np.asarray(state.tokens), np.asarray(state.exit_steps)
-    generated = exit_steps >= 0
-    decode_tokens = int(generated[:, 1:].sum())
-    stats = GenerateStats(
-        mean_depth=float(exit_steps[generated].mean() + 1),
-        loop_steps=int(state.loop_steps),
-        loop_steps_full=(int(state.index) - 1) * policy.num_steps,
-        prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_prefill + compile_decode,
-        tokens_per_s=int(generated.sum()) / (prefill_s + decode_s),
-        decode_tokens_per_s=decode_tokens / decode_s if decode_tokens else 0.0,
-        cache_bytes=state.cache.nbytes())
-    step_logits = None if state.step_logits is None else np.asarray(state.step_logits).transpose(2, 0, 1, 3)
-    return GenerateOutput(tokens=tokens, exit_steps=exit_steps, lengths=generated.sum(1).astype(np.int32),
-                          stats=stats, cache=state.cache, step_logits=step_logits)
+    ids, lengths, forced = _inputs(cfg.vocab_size, input_ids, prompt_lengths, max_new_tokens, forced_tokens)
+    spec, knobs = _settings(
+        cfg, max_new_tokens, exit_threshold=exit_threshold, exit_at_loop=exit_at_loop,
+        exit_policy=exit_policy, hidden_delta_eps=hidden_delta_eps, kv_sharing=kv_sharing,
+        temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id,
+        output_loop_logits=output_loop_logits, stream=on_token is not None)
+    seeds = np.broadcast_to(np.asarray(seed, np.uint32), (ids.shape[0],))
+    state, *timings = _execute(model, spec, knobs, ids, lengths, seeds, forced, on_token)
+    return _output(state, spec, *timings)

@@ -1,8 +1,10 @@
 """`OuroConfig`: the model hyper-parameters, named exactly as the released `config.json` keys.
 
 The fields above the `# ouro_jax runtime` marker mirror the Hugging Face `config.json` of the released
-Ouro checkpoints (ouro_spec.md §1.1); the fields below it choose how ouro_jax runs the model (compute and
-parameter dtypes, activation checkpointing, attention kernel) and never reach an exported `config.json`.
+Ouro checkpoints; the fields below it choose how ouro_jax runs the model (compute and parameter dtypes,
+activation checkpointing, attention kernel) and never reach an exported `config.json`. The dtype fields
+hold names ("bfloat16"); a JAX/NumPy dtype (`jnp.bfloat16`) given for them is stored as its name, and
+`compute_jnp_dtype` / `param_jnp_dtype` give the dtype objects.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 
 # config.json keys ouro_jax writes and reads; the rest of config.json (architectures, auto_map, …) is
 # written by the exporter and ignored on import.
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl", "scan_layers")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)
 class OuroConfig:
-    """Ouro architecture. Defaults are the released Ouro-1.4B values (ouro_spec.md §1.1)."""
+    """Ouro architecture. Defaults are the released Ouro-1.4B values (arXiv:2510.25741 Table 2)."""
 
     vocab_size: int = 49152
     hidden_size: int = 2048
@@ -51,8 +53,8 @@ class OuroConfig:
     pad_token_id: int = 0
     use_cache: bool = True
     # ouro_jax runtime --------------------------------------------------------------------------
-    dtype: str = "float32"  # compute dtype of activations and matmuls
-    param_dtype: str = "float32"  # storage dtype of the parameters (master weights)
+    dtype: str = "float32"  # name of the compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # name of the storage dtype of the parameters (master weights)
     remat_policy: str = "none"  # activation checkpointing per decoder layer, one of REMAT_POLICIES
     attention_impl: str = "xla"  # jax.nn.dot_product_attention implementation; "auto" lets JAX pick
     # True: the N layers run as a `lax.scan` (compile time independent of N); False: unrolled,
@@ -60,6 +62,8 @@ class OuroConfig:
     scan_layers: bool = True
 
     def __post_init__(self):
+        for name in ("dtype", "param_dtype"):
+            object.__setattr__(self, name, dtype_name(getattr(self, name)))
         problems = list(_problems(self))
         if problems:
             raise ValueError("invalid OuroConfig: " + "; ".join(problems))
@@ -68,11 +72,11 @@ class OuroConfig:
 
     # --- derived -------------------------------------------------------------------------------
     @property
-    def compute_dtype(self) -> jnp.dtype:
+    def compute_jnp_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
 
     @property
-    def params_dtype(self) -> jnp.dtype:
+    def param_jnp_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
 
     def replace(self, **changes: Any) -> OuroConfig:
@@ -83,7 +87,7 @@ class OuroConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The architecture keys of a released `config.json` (no runtime fields)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in _RUNTIME_FIELDS:
+        for name in RUNTIME_FIELDS:
             d.pop(name)
         d["layer_types"] = ["full_attention"] * self.num_hidden_layers
         return d
@@ -91,11 +95,22 @@ class OuroConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], **runtime: Any) -> OuroConfig:
         """Build from a `config.json` dict; keys that are not architecture fields are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS)
+        names = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS)
         layer_types = d.get("layer_types")
         if layer_types is not None and any(t != "full_attention" for t in layer_types):
             raise ValueError(f"config.json layer_types: only full_attention is supported, got {layer_types}")
         return cls(**{k: v for k, v in d.items() if k in names}, **runtime)
+
+
+def dtype_name(dtype: Any) -> Any:
+    """"bfloat16", jnp.bfloat16, np.dtype("bfloat16") -> "bfloat16"; anything else is returned as is
+    (and reported by validation)."""
+    if isinstance(dtype, str):
+        return dtype
+    try:
+        return jnp.dtype(dtype).name
+    except TypeError:
+        return dtype
 
 
 def _problems(c: OuroConfig):

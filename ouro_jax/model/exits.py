@@ -1,10 +1,11 @@
-"""The exit distribution over loop steps and the exit policies (ouro_spec.md §3), always in float32.
+"""The exit distribution over loops and Q-exit (arXiv:2510.25741 §3.2), always in float32.
 
-Notation: T loop steps; `gate_logits` [T, ...] are the exit gate's pre-sigmoid outputs per step and
-token, `lambda_t = sigmoid(gate_logit_t)` the probability of exiting at step t given step t was reached.
-Survival S_t = prod_{j<=t} (1 - lambda_j), S_0 = 1; exit pmf p(t) = lambda_t S_{t-1} for t < T and
-p(T) = S_{T-1} (the last step takes the remainder; its lambda is unused); CDF(n) = 1 - S_n, CDF(T) = 1.
-Steps are 0-based indices in code (`exit_at_step=0` is the first loop), 1-based in formulas and metrics.
+Notation: T loops, numbered 1..T; `gate_logits` [T, ...] are the exit gate's pre-sigmoid outputs per loop
+and token, `lambda_t = sigmoid(gate_logit_t)` the probability of exiting after loop t given loop t was
+reached. Survival S_t = prod_{j<=t} (1 - lambda_j), S_0 = 1; exit pmf p(t) = lambda_t S_{t-1} for t < T and
+p(T) = S_{T-1} (the last loop takes the remainder; its lambda is unused); CDF(n) = 1 - S_n, CDF(T) = 1.
+Arrays hold loop t at index t - 1 of their leading axis; the functions that return or take a position on
+that axis (`q_exit_loop`, `select_loop`) call it a loop index: 0-based, index i is loop i + 1.
 Everything is computed in log space from `log_sigmoid`, so no probability underflows to log(0).
 """
 
@@ -42,7 +43,7 @@ def exit_pdf(gate_logits: jax.Array) -> jax.Array:
 
 
 def exit_cdf(gate_logits: jax.Array) -> jax.Array:
-    """[T, ...] -> CDF(n) = 1 - S_n for n < T and exactly 1 at the last step, float32."""
+    """[T, ...] -> CDF(n) = 1 - S_n for n < T and exactly 1 at the last loop, float32."""
     cdf = -jnp.expm1(log_survival(gate_logits))
     return cdf.at[-1].set(1.0)
 
@@ -54,23 +55,30 @@ def cdf_reaches(log_surv: jax.Array, q: float | jax.Array) -> jax.Array:
     return log_surv <= jnp.log1p(-jnp.asarray(q, jnp.float32))
 
 
-def q_exit_step(gate_logits: jax.Array, q: float | jax.Array) -> jax.Array:
-    """Q-exit: the first step (0-based) whose CDF >= q (`cdf_reaches`); the last step when none before
-    it is, so q <= 0 exits at step 0 and q = 1 always uses the last step. [T, ...] -> int32 [...].
+def q_exit_loop(gate_logits: jax.Array, q: float | jax.Array) -> jax.Array:
+    """Q-exit: the loop index (0-based) of the first loop whose CDF >= q (`cdf_reaches`); the last loop
+    when none before it is, so q <= 0 exits after loop 1 (index 0) and q = 1 always runs all T loops.
+    [T, ...] -> int32 [...].
     """
     reached = cdf_reaches(log_survival(gate_logits)[:-1], q)
-    num_steps = gate_logits.shape[0]
+    num_loops = gate_logits.shape[0]
     return jnp.where(jnp.any(reached, axis=0), jnp.argmax(reached, axis=0),
-                     num_steps - 1).astype(jnp.int32)
+                     num_loops - 1).astype(jnp.int32)
 
 
-def select_step(per_step: jax.Array, step: jax.Array | int) -> jax.Array:
-    """Per-token gather of one step. per_step [T, B, S, ...], step int or int [B, S] -> [B, S, ...]."""
-    step = jnp.asarray(step, jnp.int32)
-    if step.ndim == 0:
-        return per_step[step]
-    index = step.reshape((1, *step.shape) + (1,) * (per_step.ndim - 1 - step.ndim))
-    return jnp.take_along_axis(per_step, index, axis=0)[0]
+def select_loop(per_loop: jax.Array, loop: jax.Array | int, axis: int = 1) -> jax.Array:
+    """Gather one loop per element: per_loop [T, ...] -> per_loop without its leading T axis.
+
+    loop: a 0-based loop index, an int for all, or an int array whose axes are the axes `axis`,
+    `axis + 1`, ... of per_loop (e.g. [B, S] for per-token logits [T, B, S, V]; [B] with `axis=2` for
+    per-row K/V [T, N, B, K, H]); it is broadcast over the other axes.
+    """
+    loop = jnp.asarray(loop, jnp.int32)
+    if loop.ndim == 0:
+        return per_loop[loop]
+    shape = (1,) * axis + loop.shape + (1,) * (per_loop.ndim - axis - loop.ndim)
+    index = jnp.broadcast_to(loop.reshape(shape), (1, *per_loop.shape[1:]))
+    return jnp.take_along_axis(per_loop, index, axis=0)[0]
 
 
 def weighted_logits(logits: jax.Array, pdf: jax.Array) -> jax.Array:
@@ -84,7 +92,7 @@ def exit_entropy(gate_logits: jax.Array) -> jax.Array:
     return -jnp.sum(jnp.exp(log_p) * log_p, axis=0)
 
 
-def expected_exit_step(pdf: jax.Array) -> jax.Array:
-    """Mean exit step, 1-based: sum_t t p(t). [T, ...] -> [...] float32."""
-    steps = jnp.arange(1, pdf.shape[0] + 1, dtype=jnp.float32)
-    return jnp.tensordot(steps, _f32(pdf), axes=(0, 0))
+def expected_exit_loop(pdf: jax.Array) -> jax.Array:
+    """Mean exit loop, 1-based (the expected number of loops run): sum_t t p(t). [T, ...] -> [...] float32."""
+    loops = jnp.arange(1, pdf.shape[0] + 1, dtype=jnp.float32)
+    return jnp.tensordot(loops, _f32(pdf), axes=(0, 0))

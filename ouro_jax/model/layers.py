@@ -1,4 +1,8 @@
-"""The Ouro decoder layer: RMSNorm, half-split RoPE, MHA/GQA attention, SwiGLU MLP (ouro_spec.md §1.2).
+"""The Ouro decoder layer: RMSNorm, half-split RoPE, MHA/GQA attention, SwiGLU MLP (arXiv:2510.25741 §4.1).
+
+The one layer used by training, evaluation and decoding: attention takes a pluggable `attend(q, k, v)`
+(`Attend`): `masked_attention` over the tokens' own sequence (training, evaluation, prefill) or decoding's
+attention over a KV cache, and `DecoderLayer.with_kv` also returns the layer's k, v for that cache.
 
 Shapes: B batch, S sequence, D hidden (embed), N query heads, K key/value heads, H head_dim, F mlp.
 Every parameter carries logical axis names in its `out_sharding` metadata, from the vocabulary
@@ -7,6 +11,9 @@ mesh axes. Parameters are created unsharded (`eager_sharding=False`) so a model 
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +34,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, config: OuroConfig):
         self.eps = config.rms_norm_eps
-        self.weight = nnx.Param(jnp.ones((config.hidden_size,), config.params_dtype),
+        self.weight = nnx.Param(jnp.ones((config.hidden_size,), config.param_jnp_dtype),
                                 out_sharding=("embed",), eager_sharding=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -66,15 +73,27 @@ def attention_mask(segment_ids: jax.Array | None) -> jax.Array | None:
     return (same & causal)[:, None]
 
 
+# attend(q [B, S, N, H], k, v [B, S, K, H]) -> context [B, S, N, H]: the attention of the S queries over
+# the S new keys and whatever keys the caller holds besides (a decoding cache), scale H^-1/2.
+Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def masked_attention(config: OuroConfig, mask: jax.Array | None = None) -> Attend:
+    """`Attend` over the tokens' own sequence: `jax.nn.dot_product_attention` under `mask`
+    [B, 1, S, S] bool (None: causal), with the kernel `config.attention_impl`."""
+    return functools.partial(
+        jax.nn.dot_product_attention, mask=mask, is_causal=mask is None, scale=config.head_dim ** -0.5,
+        implementation=None if config.attention_impl == "auto" else config.attention_impl)
+
+
 class Attention(nnx.Module):
     """Bias-free multi-head / grouped-query attention with RoPE on q and k."""
 
     def __init__(self, config: OuroConfig, *, rngs: nnx.Rngs):
         d, n, k, h = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                       config.head_dim)
-        self.scale = h ** -0.5
-        self.implementation = None if config.attention_impl == "auto" else config.attention_impl
-        common = dict(dtype=config.compute_dtype, param_dtype=config.params_dtype, rngs=rngs)
+        self.config = config
+        common = dict(dtype=config.compute_jnp_dtype, param_dtype=config.param_jnp_dtype, rngs=rngs)
         # Projections act on tokens flattened to [B*S, ...]: plain 2-D matmuls, whose weight
         # gradients XLA:CPU computes without transposing copies.
         self.q_proj = nnx.Einsum("md,dnh->mnh", (d, n, h),
@@ -83,22 +102,37 @@ class Attention(nnx.Module):
                                  kernel_init=param_init(config, ("embed", "kv_heads", "kv")), **common)
         self.v_proj = nnx.Einsum("md,dnh->mnh", (d, k, h),
                                  kernel_init=param_init(config, ("embed", "kv_heads", "kv")), **common)
-        self.o_proj = nnx.Einsum("mnh,nhd->md", (n, h, d),
+        # jnp.einsum contracts its letters in sorted order: n (heads) before x (features per head)
+        # contracts [N, H] as one flat axis, where "nh" would transpose the kernel and the context.
+        self.o_proj = nnx.Einsum("mnx,nxd->md", (n, h, d),
                                  kernel_init=param_init(config, ("heads", "kv", "embed")), **common)
+        self.qkv_kernel = nnx.data(None)  # [D, N + 2K, H] once `fuse` has run
 
-    def __call__(self, x, cos, sin, mask):
-        """x [B, S, D]; cos, sin [B, S, 1, H]; mask [B, 1, S, S] bool or None (causal) -> [B, S, D]."""
+    def fuse(self) -> None:
+        """Concatenate the q, k, v kernels in the compute dtype into `qkv_kernel`, so that `__call__`
+        projects with one matmul instead of three (the same arithmetic). For a caller that applies the
+        layer many times with fixed weights (decoding), once outside its loops. The parameters stay
+        q_proj / k_proj / v_proj: training never fuses (heads and kv_heads may be sharded apart)."""
+        kernels = [proj.kernel[...] for proj in (self.q_proj, self.k_proj, self.v_proj)]
+        self.qkv_kernel = jnp.concatenate(kernels, axis=1).astype(self.q_proj.dtype)
+
+    def __call__(self, x, cos, sin, attend: Attend | None = None):
+        """x [B, S, D]; cos, sin [B, S, 1, H]; attend: `Attend` (None: causal `masked_attention`)
+        -> (out [B, S, D], (k, v) [B, S, K, H] of these tokens, after RoPE)."""
         b, s, d = x.shape
         tokens = x.reshape(b * s, d)
-        project = lambda proj: proj(tokens).reshape(b, s, *proj.kernel.shape[1:])
-        q = checkpoint_name(apply_rope(project(self.q_proj), cos, sin), "query_proj")
-        k = checkpoint_name(apply_rope(project(self.k_proj), cos, sin), "key_proj")
-        v = checkpoint_name(project(self.v_proj), "value_proj")
-        context = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=mask is None, scale=self.scale,
-            implementation=self.implementation)
-        context = checkpoint_name(context, "context").reshape(b * s, *context.shape[2:])
-        return self.o_proj(context).reshape(b, s, d)
+        if self.qkv_kernel is None:
+            q, k, v = (proj(tokens) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            n, kv = self.q_proj.kernel.shape[1], self.k_proj.kernel.shape[1]
+            q, k, v = jnp.split(jnp.einsum("md,dnh->mnh", tokens, self.qkv_kernel), [n, n + kv], axis=1)
+        q, k, v = (y.reshape(b, s, *y.shape[1:]) for y in (q, k, v))
+        q = checkpoint_name(apply_rope(q, cos, sin), "query_proj")
+        k = checkpoint_name(apply_rope(k, cos, sin), "key_proj")
+        v = checkpoint_name(v, "value_proj")
+        attend = masked_attention(self.config) if attend is None else attend
+        context = checkpoint_name(attend(q, k, v), "context").reshape(b * s, *q.shape[2:])
+        return self.o_proj(context).reshape(b, s, d), (k, v)
 
 
 class MLP(nnx.Module):
@@ -106,17 +140,27 @@ class MLP(nnx.Module):
 
     def __init__(self, config: OuroConfig, *, rngs: nnx.Rngs):
         d, f = config.hidden_size, config.intermediate_size
-        common = dict(use_bias=False, dtype=config.compute_dtype, param_dtype=config.params_dtype,
+        common = dict(use_bias=False, dtype=config.compute_jnp_dtype, param_dtype=config.param_jnp_dtype,
                       rngs=rngs)
         self.gate_proj = nnx.Linear(d, f, kernel_init=param_init(config, ("embed", "mlp")), **common)
         self.up_proj = nnx.Linear(d, f, kernel_init=param_init(config, ("embed", "mlp")), **common)
         self.down_proj = nnx.Linear(f, d, kernel_init=param_init(config, ("mlp", "embed")), **common)
+        self.gate_up_kernel = nnx.data(None)  # [D, 2F] once `fuse` has run
+
+    def fuse(self) -> None:
+        """Concatenate the gate and up kernels in the compute dtype into `gate_up_kernel`: one matmul
+        instead of two in `__call__` (see `Attention.fuse`)."""
+        kernels = [proj.kernel[...] for proj in (self.gate_proj, self.up_proj)]
+        self.gate_up_kernel = jnp.concatenate(kernels, axis=1).astype(self.gate_proj.dtype)
 
     def __call__(self, x):
         """x [B, S, D] -> [B, S, D] (computed on tokens flattened to [B*S, D])."""
         tokens = x.reshape(-1, x.shape[-1])
-        hidden = jax.nn.silu(checkpoint_name(self.gate_proj(tokens), "mlp_gate")) * checkpoint_name(
-            self.up_proj(tokens), "mlp_up")
+        if self.gate_up_kernel is None:
+            gate, up = self.gate_proj(tokens), self.up_proj(tokens)
+        else:
+            gate, up = jnp.split(tokens @ self.gate_up_kernel, 2, axis=-1)
+        hidden = jax.nn.silu(checkpoint_name(gate, "mlp_gate")) * checkpoint_name(up, "mlp_up")
         return self.down_proj(hidden).reshape(x.shape)
 
 
@@ -133,10 +177,21 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config)
         self.post_attention_layernorm_2 = RMSNorm(config)
 
-    def __call__(self, x, cos, sin, mask):
-        """x [B, S, D] -> [B, S, D]."""
-        x = x + self.input_layernorm_2(self.self_attn(self.input_layernorm(x), cos, sin, mask))
-        return x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x)))
+    def fuse(self) -> DecoderLayer:
+        """Fuse the q/k/v and gate/up matmuls (`Attention.fuse`, `MLP.fuse`); returns the layer."""
+        self.self_attn.fuse()
+        self.mlp.fuse()
+        return self
+
+    def __call__(self, x, cos, sin, attend: Attend | None = None) -> jax.Array:
+        """x [B, S, D]; cos, sin [B, S, 1, H]; attend: `Attend` (None: causal) -> [B, S, D]."""
+        return self.with_kv(x, cos, sin, attend)[0]
+
+    def with_kv(self, x, cos, sin, attend: Attend | None = None):
+        """As `__call__`, also returning the layer's (k, v) [B, S, K, H] (after RoPE) for a KV cache."""
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, attend)
+        x = x + self.input_layernorm_2(attn)
+        return x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x))), kv
 
 
 def remat_policy(name: str):

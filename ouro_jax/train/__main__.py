@@ -1,31 +1,44 @@
-"""`python -m ouro_jax.train --config=configs/NAME.py[:variant] --workdir=DIR [--config.key=value ...]`."""
+"""`python -m ouro_jax.train --config=configs/NAME.py[:variant] --workdir=DIR [--config.key=value ...]`.
+
+Exit status: 0 finished; 1 refused or failed (one line `error: ...`: bad config, workdir in use or
+holding another run, non-finite loss); 75 (EX_TEMPFAIL) stopped by SIGTERM / SIGINT after saving a
+checkpoint: rerun the same command to resume.
+"""
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
+
+from ouro_jax import cli
+
+PREEMPTED = 75
+"""Exit status after a signal-triggered save: the run is incomplete and resumes when rerun."""
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (configs/NAME.py[:variant]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, TensorBoard.")
+_CONFIG_CHANGE = flags.DEFINE_enum(
+    "config_change", "refuse", ["refuse", "allow"],
+    "Resuming a run whose recorded config differs: refuse, or allow (and record the change in "
+    "WORKDIR/config_changes.jsonl). A different model shape is always refused.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax and grain log every save at INFO
-    from ouro_jax.train import config as config_lib
-    from ouro_jax.train import loop  # after flag parsing, so --help stays fast
+    del argv
+    from ouro_jax.train import loop, metrics  # after flag parsing, so --help stays fast
 
     try:
-        loop.train(_CONFIG.value, _WORKDIR.value)
-    except (config_lib.ConfigError, FileNotFoundError, loop.TrainingDiverged) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    print(loop.summary(_WORKDIR.value))
+        loop.train(_CONFIG.value, _WORKDIR.value, allow_config_change=_CONFIG_CHANGE.value == "allow")
+    except loop.TrainingDiverged as err:
+        cli.fail(err)
+    except loop.Interrupted as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        print(metrics.summary(_WORKDIR.value))
+        return PREEMPTED
+    print(metrics.summary(_WORKDIR.value))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,98 +1,110 @@
 """The training loop: `train(config, workdir)`.
 
-Sections: set-up (validate, mesh, data, state) -> resume or init -> loop (step, log, eval,
-checkpoint) -> final save. Rerunning the same command resumes from the latest complete checkpoint
-and continues with the same data and the same results as an uninterrupted run.
+set-up (validate everything, lock the run, data, programs) -> resume, `init_from` or fresh state ->
+steps (log, evaluate, checkpoint) -> final save. Rerunning the same command resumes from the latest
+complete checkpoint and continues with the same data and the same results as an uninterrupted run.
+SIGTERM or SIGINT (Ctrl-C) saves a checkpoint at the next step boundary and raises `Interrupted`; a
+second Ctrl-C aborts at once.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import signal
+import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
-from flax import nnx
 
-from ouro_jax import sharding
-from ouro_jax.convert.upcycle import upcycle
+from ouro_jax import run, sharding
 from ouro_jax.data import pipeline
-from ouro_jax.model.ouro import Ouro
 from ouro_jax.train import config as config_lib
 from ouro_jax.train import metrics as metrics_lib
-from ouro_jax.train import optimizer as optim
-from ouro_jax.train.checkpoint import Checkpointer, abstract_like, restore_params
-from ouro_jax.train.step import TrainState, init_fn, make_eval_step, make_train_step
+from ouro_jax.train import program as program_lib
+from ouro_jax.train.step import TrainState
+from ouro_jax.train.upcycle import upcycle
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-class _Preemption:
-    """Remembers a SIGTERM so the loop can save and stop at the next step boundary."""
+class Interrupted(Exception):
+    """A signal stopped the run after its state was saved at `step` (rerun the command to resume)."""
+
+    def __init__(self, signal_name: str, step: int):
+        super().__init__(f"{signal_name}: saved step {step}; rerun the same command to resume")
+        self.signal_name, self.step = signal_name, step
+
+
+class _StopRequests:
+    """SIGTERM / SIGINT set a flag the loop reads at step boundaries (all processes agree); a second
+    SIGINT restores Python's handler and interrupts at once. Handlers are restored on `close`."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.requested: str | None = None
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        del signum, frame
-        self.requested = True
+        del frame
+        if self.requested and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
 
     def check(self) -> bool:
         if jax.process_count() == 1:
-            return self.requested
+            return self.requested is not None
         from jax.experimental import multihost_utils
 
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested is not None))))
+
+    def close(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
-def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    path = os.path.join(workdir, "config.json")
-    with open(path + ".tmp", "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(path + ".tmp", path)
-
-
-def _initial_params(config, resolved, abstract_params, param_shardings):
-    """Parameters from `config.init_from` (optionally upcycled), placed on the mesh."""
-    source = abstract_params
+def _initial_params(config, resolved, program: program_lib.Program):
+    """Parameters from `config.init_from` (optionally upcycled to twice its layers), placed on the mesh."""
+    source = program.abstract_params
     if config.init_upcycle:
         layers = resolved.model.num_hidden_layers
-        if layers % 2:
-            raise config_lib.ConfigError(
-                f"config.init_upcycle: model.num_hidden_layers={layers} is not twice a source depth")
-        source = {**abstract_params, "layers": jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct((layers // 2, *x.shape[1:]), x.dtype), abstract_params["layers"])}
-    params = restore_params(config.init_from, source)
+        source = {**source, "layers": jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct((layers // 2, *x.shape[1:]), x.dtype), source["layers"])}
+    params = run.restore_params(config.init_from, source)
     if config.init_upcycle:
         params = upcycle(params, factor=2, order=config.init_upcycle)
-    return jax.device_put(params, param_shardings)
+    return jax.device_put(params, program.param_shardings)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train (or resume) the run in `workdir`; returns the last logged record."""
-    # --- set-up: everything that can fail on user input fails here, before compiling ---------
-    try:
-        resolved = config_lib.validate(config)
-        if resolved.objective["stage"] == 2 and not config.init_from:
-            raise config_lib.ConfigError("config.init_from: Stage II trains the exit gate of a trained "
-                                         "model; set --config.init_from=RUN_OR_CHECKPOINT")
-        sharding.initialize_distributed()
+def _initial_state(config, resolved, program, checkpointer, data_iter) -> tuple[TrainState, int | None]:
+    """(state, the step resumed from or None): the latest checkpoint, else `init_from`, else fresh."""
+    resumed = checkpointer.latest_step()
+    if resumed is not None:
+        params, train = checkpointer.restore(resumed, *program.abstract_state.checkpoint_items(), data_iter)
+        return TrainState.from_checkpoint_items(params, train), resumed
+    if config.init_from:
+        return program.state_from_params(_initial_params(config, resolved, program), config.seed), None
+    return program.init(), None
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict:
+    """Train (or resume) the run in `workdir`; returns the last logged record.
+
+    Everything that can fail on user input (config, data, mesh, workdir) fails before compiling, with
+    `config.ConfigError` / `run.RunError` (one line). Raises `Interrupted` after a signal-triggered save
+    and `TrainingDiverged` on a non-finite loss (the last good checkpoint is kept).
+    """
+    sharding.initialize_distributed()
+    resolved = config_lib.validate(config)
+    run.check_resume(workdir, config, allow_change=allow_config_change)
+    with run.lock(workdir, primary=jax.process_index() == 0):
+        run.check_resume(workdir, config, allow_change=allow_config_change)  # again, now that it is ours
         mesh = sharding.make_mesh(resolved.mesh)
-        data_rows = mesh.shape["data"] * mesh.shape["fsdp"]
-        micro = resolved.optimizer["grad_accum_steps"]
-        if config.data.batch_size % (micro * data_rows):
-            raise config_lib.ConfigError(
-                f"config.data.batch_size: {config.data.batch_size} rows must split into "
-                f"grad_accum_steps={micro} micro-batches over data x fsdp={data_rows} devices")
         data_iter = iter(pipeline.build_train_dataset(
             config.data, seed=config.seed, process_index=jax.process_index(),
             process_count=jax.process_count()))
@@ -100,97 +112,69 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             config.data, seed=config.seed, num_batches=config.data.eval_batches,
             process_index=jax.process_index(), process_count=jax.process_count())
             if config.eval_every_steps else [])
-    except ValueError as err:  # data and mesh errors: one line naming the problem
-        raise config_lib.ConfigError(str(err)) from err
-    os.makedirs(workdir, exist_ok=True)
+        program = program_lib.build(config, resolved, mesh)
+        with run.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep or None,
+                              async_save=config.async_checkpointing) as checkpointer:
+            state, resumed = _initial_state(config, resolved, program, checkpointer, data_iter)
+            run.record_config(workdir, config, step=int(state.step))
+            if resumed is not None and jax.process_index() == 0:
+                print(f"resumed from step {resumed}", file=sys.stderr)
+            writer = metrics_lib.MetricsWriter(workdir, resumed_step=resumed,
+                                               is_primary=jax.process_index() == 0)
+            try:
+                return _steps(config, program, state, data_iter, eval_batches, checkpointer, writer)
+            finally:
+                writer.close()
 
-    # --- model, optimiser, sharded state ----------------------------------------------------------
-    model_factory = lambda: Ouro(resolved.model, rngs=nnx.Rngs(config.seed))
-    abstract_model = nnx.eval_shape(model_factory)
-    graphdef, abstract_state = nnx.split(abstract_model)
-    abstract_params = nnx.to_pure_dict(abstract_state)
-    param_shardings = sharding.param_shardings(
-        abstract_params, sharding.logical_axes(abstract_model), mesh)
-    stage = resolved.objective["stage"]
-    tx = optim.make_optimizer(resolved.optimizer, config.total_steps, abstract_params, stage)
-    trainable = optim.trainable_mask(abstract_params, stage)
-    init = jax.jit(init_fn(model_factory, tx, config.seed, param_shardings)).lower().compile()
-    state_shardings = init.output_shardings
-    abstract_train_state = abstract_like(init.out_info, state_shardings)
 
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                                max_to_keep=config.max_checkpoints_to_keep or None,
-                                async_save=config.async_checkpointing)
-    resumed = checkpointer.latest_step()
-    if resumed is not None:
-        state = checkpointer.restore(resumed, abstract_train_state, data_iter)
-        logging.info("resumed from step %d", resumed)
-    elif config.init_from:
-        params = _initial_params(config, resolved, abstract_params, param_shardings)
-        state = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-                                             rng=jax.random.PRNGKey(config.seed)),
-                        out_shardings=state_shardings)(params)
-    else:
-        state = init()
-    _write_config(config, workdir)
-    is_primary = jax.process_index() == 0
-    writer = metrics_lib.MetricsWriter(workdir, resumed_step=resumed, is_primary=is_primary)
-
-    batch_sharding = sharding.batch_sharding(mesh)
-    train_step = jax.jit(
-        make_train_step(graphdef, tx, optim.learning_rate_schedule(resolved.optimizer, config.total_steps),
-                        resolved.objective, trainable, micro),
-        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-        donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_shardings.params, batch_sharding))
-    eval_batches = [sharding.put_batch(b, batch_sharding) for b in eval_batches]
-
-    # --- loop ---------------------------------------------------------------------------------
-    preemption = _Preemption()
+def _steps(config, program, state, data_iter, eval_batches, checkpointer, writer) -> dict:
+    """Run optimiser steps up to `config.total_steps`; returns the last logged record."""
+    eval_batches = [sharding.put_batch(b, program.batch_sharding) for b in eval_batches]
+    stop = _StopRequests()
     step = int(state.step)
     progress = metrics_lib.Progress(config.total_steps, step)
     last_log_time, last_log_step = time.perf_counter(), step
     tokens_per_step = config.data.batch_size * config.data.seq_len
     record: dict = {}
-    while step < config.total_steps:
-        batch = sharding.put_batch(next(data_iter), batch_sharding)
-        state, step_metrics = train_step(state, batch)
-        step += 1
-        loss = float(step_metrics["loss"])
-        if not math.isfinite(loss):
-            checkpointer.close()
-            raise TrainingDiverged(
-                f"loss is {loss} at step {step}; stopped, last good checkpoint: "
-                f"{checkpointer.latest_step()} in {checkpointer.directory}")
-        progress.update(step, loss)
-        record = {}
-        if step % config.log_every_steps == 0 or step == config.total_steps:
-            now = time.perf_counter()
-            record.update(metrics_lib.flatten(jax.device_get(step_metrics)))
-            record["tokens_per_s"] = tokens_per_step * (step - last_log_step) / (now - last_log_time)
-            last_log_time, last_log_step = now, step
-            progress.update(step, loss, force=not progress.tty)
-        if eval_batches and (step % config.eval_every_steps == 0 or step == config.total_steps):
-            record.update(evaluate(eval_step, state.params, eval_batches))
-        if record:
-            writer.write(step, record)
-        stop = preemption.check()
-        if stop or step == config.total_steps or (
-                config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0):
-            checkpointer.save(state, data_iter)
-        if stop:
-            logging.warning("SIGTERM: saved step %d, stopping", step)
-            break
-    progress.close()
-    checkpointer.close()
-    writer.close()
+    save = lambda: checkpointer.save(int(state.step), *state.checkpoint_items(), data_iter)
+    try:
+        while step < config.total_steps:
+            batch = sharding.put_batch(next(data_iter), program.batch_sharding)
+            state, step_metrics = program.train_step(state, batch)
+            step += 1
+            headline = metrics_lib.headline(step_metrics)  # a host sync: a NaN is caught before it is saved
+            if not math.isfinite(headline["objective"]):
+                raise TrainingDiverged(
+                    f"loss is {headline['objective']} at step {step}; stopped, last good checkpoint: "
+                    f"{checkpointer.latest_step()} in {checkpointer.directory}")
+            progress.update(step, headline)
+            logged = {}
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                now = time.perf_counter()
+                logged.update(metrics_lib.flatten(jax.device_get(step_metrics)))
+                logged["tokens_per_s"] = tokens_per_step * (step - last_log_step) / (now - last_log_time)
+                last_log_time, last_log_step = now, step
+            if eval_batches and (step % config.eval_every_steps == 0 or step == config.total_steps):
+                logged.update(evaluate(program.eval_step, state.params, eval_batches))
+            if logged:
+                writer.write(step, logged)
+                record = {"step": step, **logged}
+            stopping = stop.check()
+            if stopping or step == config.total_steps or (
+                    config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0):
+                save()
+            if stopping:
+                raise Interrupted(stop.requested or "signal", step)
+    finally:
+        stop.close()
+        progress.close()
     return record
 
 
 def evaluate(eval_step, params, batches) -> dict[str, float]:
     """Token-weighted mean of eval metrics over `batches`, keys prefixed `eval_`."""
     sums: dict[str, np.ndarray] = {}
-    weights = {"answer_accuracy_per_step": "num_answers"}
+    weights = {"answer_accuracy_per_loop": "num_answers"}
     totals = {"num_tokens": 0.0, "num_answers": 0.0}
     for batch in batches:
         m = jax.device_get(eval_step(params, batch))
@@ -203,14 +187,3 @@ def evaluate(eval_step, params, batches) -> dict[str, float]:
             sums[key] = sums.get(key, 0.0) + w * np.asarray(value, np.float64)
     means = {k: v / max(totals[weights.get(k, "num_tokens")], 1.0) for k, v in sums.items()}
     return metrics_lib.flatten({**means, **totals}, prefix="eval_")
-
-
-def summary(workdir: str) -> str:
-    """A human-readable line about the last record of `workdir/metrics.jsonl`."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        last = json.loads(f.readlines()[-1])
-    steps = sorted(int(k.rsplit("_", 1)[1]) for k in last if k.startswith("eval_answer_accuracy_step_"))
-    key = "eval_answer_accuracy_step_" if steps else "eval_accuracy_step_"
-    steps = steps or sorted(int(k.rsplit("_", 1)[1]) for k in last if k.startswith(key))
-    per_step = "  ".join(f"step {t}: {100 * last[key + str(t)]:.1f}%" for t in steps)
-    return f"step {last['step']}: loss {last['loss']:.4f}; {key.rstrip('_')} per loop step: {per_step}"

@@ -1,32 +1,38 @@
 """Run metrics: `WORKDIR/metrics.jsonl` (one JSON object per log/eval step), TensorBoard event files
-(`WORKDIR/tensorboard/`), and a console progress line with ETA."""
+(`WORKDIR/tensorboard/`), a console progress line with ETA, and the summary of a run.
+
+Per-loop arrays of the jitted steps (`ce_per_loop` [T], ...) become flat keys `loss_loop_1..T`, ...;
+"step" always means the optimiser step.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
 from collections.abc import Mapping
 
+import jax
 import numpy as np
 
-PER_STEP_NAMES = {  # array metric [T] -> flat keys name_step_1..T
-    "ce_per_step": "loss_step",
-    "accuracy_per_step": "accuracy_step",
-    "exit_pdf_per_step": "exit_pdf_step",
-    "answer_accuracy_per_step": "answer_accuracy_step",
+PER_LOOP_NAMES = {  # array metric [T] -> flat keys name_1..T
+    "ce_per_loop": "loss_loop",
+    "accuracy_per_loop": "accuracy_loop",
+    "exit_pdf_per_loop": "exit_pdf_loop",
+    "answer_accuracy_per_loop": "answer_accuracy_loop",
 }
 
 
 def flatten(metrics: Mapping[str, np.ndarray], prefix: str = "") -> dict[str, float]:
-    """Device metrics -> flat floats; per-step arrays become `<name>_step_<t>` (t 1-based)."""
+    """Device metrics -> flat floats; per-loop arrays become `<name>_loop_<t>` (t = 1..T)."""
     flat = {}
     for name, value in metrics.items():
         value = np.asarray(value)
-        if name in PER_STEP_NAMES:
+        if name in PER_LOOP_NAMES:
             for t, v in enumerate(value, start=1):
-                flat[f"{prefix}{PER_STEP_NAMES[name]}_{t}"] = float(v)
+                flat[f"{prefix}{PER_LOOP_NAMES[name]}_{t}"] = float(v)
         else:
             flat[prefix + name] = float(value) if value.ndim == 0 else value.tolist()
     return flat
@@ -74,23 +80,41 @@ class MetricsWriter:
             self.tensorboard.close()
 
 
-class Progress:
-    """`step 120/1500 [###-------] 8%  loss 1.234  12.3 steps/s  ETA 1m52s` on stderr."""
+def headline(step_metrics: Mapping) -> dict[str, float]:
+    """The figures of every progress line, fetched in one host transfer: the objective (Stage I:
+    exit-pdf-weighted CE - beta * entropy, which goes below zero as the entropy term grows), the
+    exit-pdf-weighted CE and the exit entropy."""
+    objective, weighted_ce, entropy = jax.device_get(
+        (step_metrics["loss"], step_metrics["weighted_ce"], step_metrics["entropy"]))
+    return {"objective": float(objective), "weighted_ce": float(weighted_ce), "entropy": float(entropy)}
 
-    def __init__(self, total_steps: int, start_step: int):
+
+def _figures(headline: Mapping[str, float]) -> str:
+    return (f"objective {headline['objective']:.4f} (exit-weighted CE {headline['weighted_ce']:.4f}, "
+            f"exit entropy {headline['entropy']:.3f})")
+
+
+class Progress:
+    """`step 120/1500 [###-------] 8%  objective ... (exit-weighted CE ..., exit entropy ...)  12.3 steps/s
+    ETA 1m52s` on stderr: redrawn in place on a terminal, otherwise a line every `interval_s` seconds
+    (and at the last step)."""
+
+    def __init__(self, total_steps: int, start_step: int, interval_s: float = 30.0):
         self.total, self.start = total_steps, start_step
-        self.t0 = time.perf_counter()
+        self.t0 = self.last = time.perf_counter()
+        self.interval_s = interval_s
         self.tty = sys.stderr.isatty()
 
-    def update(self, step: int, loss: float, force: bool = False) -> None:
-        if not (self.tty or force):
+    def update(self, step: int, headline: Mapping[str, float]) -> None:
+        now = time.perf_counter()
+        if not self.tty and now - self.last < self.interval_s and step != self.total:
             return
-        done = step - self.start
-        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        self.last = now
+        rate = (step - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else float("inf")
         frac = step / max(self.total, 1)
         bar = "#" * int(20 * frac) + "-" * (20 - int(20 * frac))
-        line = (f"step {step}/{self.total} [{bar}] {100 * frac:3.0f}%  loss {loss:.4f}  "
+        line = (f"step {step}/{self.total} [{bar}] {100 * frac:3.0f}%  {_figures(headline)}  "
                 f"{rate:.2f} steps/s  ETA {_duration(eta)}")
         sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
         sys.stderr.flush()
@@ -98,6 +122,34 @@ class Progress:
     def close(self) -> None:
         if self.tty:
             sys.stderr.write("\n")
+
+
+def summary(workdir: str) -> str:
+    """The last logged figures of a run: the objective and its parts, then per loop the held-out answer
+    accuracy (task data) or the held-out loss and perplexity (text)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    if not records:
+        return "no step was logged yet"
+    last = records[-1]
+    evals = [r for r in records if "eval_loss_loop_1" in r]
+    figures = {"objective": last["loss"], "weighted_ce": last["weighted_ce"], "entropy": last["entropy"]}
+    parts = [f"step {last['step']}: {_figures(figures)}"]
+    if evals:
+        ev = evals[-1]
+        loops = range(1, 1 + sum(1 for k in ev if k.startswith("eval_loss_loop_")))
+        if ev.get("eval_num_answers"):
+            per_loop = "  ".join(f"loop {t}: {100 * ev[f'eval_answer_accuracy_loop_{t}']:.1f}%"
+                                 for t in loops)
+            parts.append(f"held-out answer accuracy (step {ev['step']}) per loop: {per_loop}")
+        else:
+            per_loop = "  ".join(f"loop {t}: {ev[f'eval_loss_loop_{t}']:.3f} "
+                                 f"(ppl {math.exp(min(ev[f'eval_loss_loop_{t}'], 50.0)):.1f})" for t in loops)
+            parts.append(f"held-out loss (step {ev['step']}) per loop: {per_loop}")
+    return "; ".join(parts)
 
 
 def _duration(seconds: float) -> str:

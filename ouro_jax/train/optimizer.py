@@ -1,6 +1,7 @@
-"""Optimiser (ouro_spec.md §7): AdamW (0.9, 0.95), weight decay 0.1 off for norms and the gate bias,
-global-norm clipping 1.0, warmup + constant / warmup-stable-decay / cosine schedules; Stage II trains
-only the exit gate. Parameters are pure nested dicts (`nnx.to_pure_dict`)."""
+"""Optimiser (arXiv:2510.25741 §4, Table 1): AdamW (0.9, 0.95), weight decay 0.1 off for norms and the
+gate bias, global-norm clipping 1.0, warmup + constant / warmup-stable-decay / cosine schedules; Stage II
+trains only the exit gate. Parameters are pure nested dicts (`nnx.to_pure_dict`); the trainer shards
+every copy of them inside the optimiser state like the parameters (`sharding.optimizer_state_shardings`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Upcycling by layer duplication (ouro_spec.md §7: Ouro-2.6B starts from the 24-layer model, 48 layers).
+"""Upcycling by layer duplication (arXiv:2510.25741 §4: Ouro-2.6B starts from the 24-layer model, 48 layers).
 
 `stacked` gives layers 0..N-1, 0..N-1: one step of the new model applies the old stack twice without
 the inter-step `model.norm` in between, so T new steps approximate 2T old steps (the Stage 1a setting).

@@ -7,7 +7,7 @@ import pytest
 from ouro_jax import OuroConfig
 from ouro_jax.model import config as cfgs
 
-# The architecture keys of the released Ouro-1.4B config.json (ouro_spec.md §1.1).
+# The architecture keys of the released Ouro-1.4B config.json.
 RELEASED_1P4B = {
     "vocab_size": 49152, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
     "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 128, "hidden_act": "silu",

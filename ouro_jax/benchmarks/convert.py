@@ -1,10 +1,8 @@
-"""Time and peak memory of exporting and importing a full-size Ouro, against the goal
+"""convert.roundtrip: time and peak memory of exporting and importing a full-size Ouro, against the goal
 "peak RSS <= 1.5 x the model's bytes".
 
-    python -m ouro_jax.convert.measure [--preset=ouro_1p4b] [--dtype=bfloat16] [--workdir=DIR] [--keep]
-
-Each step runs in its own Python process, whose peak RSS the parent reads from `os.wait4`
-(ru_maxrss of that child alone):
+Each phase runs in its own Python process, whose peak RSS the parent reads from `os.wait4` (ru_maxrss of
+that child alone):
   baseline  a process that only imports jax and starts its CPU backend (the interpreter's overhead);
   export    builds a random model of the preset's shape directly in `dtype` (parameter by parameter,
             never a float32 copy), then `save_pretrained`s it. The child reports the high-water mark
@@ -24,16 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from absl import app, flags
+from ouro_jax.benchmarks.common import Result, table
 
-_PRESET = flags.DEFINE_string("preset", "ouro_1p4b", "OuroConfig preset (ouro_jax.model.config.PRESETS).")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"],
-                           "dtype of the parameters and of the files.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the export goes (default: a temporary directory).")
-_KEEP = flags.DEFINE_bool("keep", False, "Keep the exported directory.")
-_PHASE = flags.DEFINE_enum("phase", None, ["baseline", "export", "import"],
-                           "Internal: run one step in this process and print its figures as JSON.")
-_DIR = flags.DEFINE_string("dir", None, "Internal: the export directory of --phase.")
+PHASES = ("baseline", "export", "import")
 
 
 def _high_water_mark() -> int:
@@ -49,7 +40,7 @@ def _reset_high_water_mark() -> None:
 
 
 def random_model(config):
-    """An `Ouro` of `config`'s shape filled one parameter at a time in `config.param_dtype`: normal(0,
+    """An `Ouro` of `config`'s shape filled one parameter at a time in its parameter dtype: normal(0,
     initializer_range) matrices, ones for norms, zeros for the gate bias; at most one parameter exists
     twice (its host and device copies) at any time."""
     import jax
@@ -78,7 +69,7 @@ def random_model(config):
 
 
 def _run_phase(phase: str, preset: str, dtype: str, directory: str) -> dict:
-    """One step in this process; returns its figures (seconds, bytes)."""
+    """One phase in this process; returns its figures (seconds, bytes)."""
     import jax
 
     if phase == "baseline":
@@ -103,10 +94,16 @@ def _run_phase(phase: str, preset: str, dtype: str, directory: str) -> dict:
             "model_bytes": sum(x.nbytes for x in jax.tree.leaves(model))}
 
 
-def _child(phase: str, directory: Path) -> tuple[dict, float, int]:
-    """(figures, wall seconds, peak RSS bytes from wait4) of one step in a fresh process."""
-    args = [sys.executable, "-m", "ouro_jax.convert.measure", f"--phase={phase}", f"--dir={directory}",
-            f"--preset={_PRESET.value}", f"--dtype={_DTYPE.value}"]
+def child() -> None:
+    """Entry of a phase's process: argv = [phase, directory, preset, dtype]; prints the figures as JSON."""
+    phase, directory, preset, dtype = sys.argv[1:]
+    print(json.dumps(_run_phase(phase, preset, dtype, directory)))
+
+
+def _child(phase: str, directory: Path, preset: str, dtype: str) -> tuple[dict, float, int]:
+    """(figures, wall seconds, peak RSS bytes from wait4) of one phase in a fresh process."""
+    args = [sys.executable, "-c", "from ouro_jax.benchmarks import convert; convert.child()", phase,
+            str(directory), preset, dtype]
     start = time.perf_counter()
     process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True,
                                env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -114,32 +111,33 @@ def _child(phase: str, directory: Path) -> tuple[dict, float, int]:
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"measure --phase={phase} failed (status {status})")
+        raise RuntimeError(f"convert.roundtrip phase {phase} failed (status {status})")
     return json.loads(output.strip().splitlines()[-1]), wall, usage.ru_maxrss * 1024
 
 
-def main(argv):
-    del argv
-    if _PHASE.value:
-        print(json.dumps(_run_phase(_PHASE.value, _PRESET.value, _DTYPE.value, _DIR.value)))
-        return
-    workdir = Path(_WORKDIR.value or tempfile.mkdtemp(prefix="ouro_measure-"))
-    directory = workdir / f"{_PRESET.value}-{_DTYPE.value}"
+def roundtrip(*, preset: str = "ouro_1p4b", dtype: str = "bfloat16", workdir: str | None = None,
+              keep: bool = False) -> Result:
+    """Export then import a random model of `preset` in `dtype` (module docstring); the export goes to
+    `workdir` (default: a temporary directory) and is deleted unless `keep`."""
+    from ouro_jax.model.config import PRESETS
+
+    if preset not in PRESETS:
+        raise ValueError(f"--preset={preset} must be one of {sorted(PRESETS)}")
+    root = Path(workdir or tempfile.mkdtemp(prefix="ouro_roundtrip-"))
+    directory = root / f"{preset}-{dtype}"
     try:
-        _, base_wall, base_peak = _child("baseline", directory)
-        exported, export_wall, export_peak = _child("export", directory)
-        imported, import_wall, import_peak = _child("import", directory)
+        _, base_wall, base_peak = _child("baseline", directory, preset, dtype)
+        exported, export_wall, export_peak = _child("export", directory, preset, dtype)
+        imported, import_wall, import_peak = _child("import", directory, preset, dtype)
         files = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
     finally:
-        if not _KEEP.value:
+        if not keep:
             shutil.rmtree(directory, ignore_errors=True)
-            if not _WORKDIR.value:
-                shutil.rmtree(workdir, ignore_errors=True)
+            if not workdir:
+                shutil.rmtree(root, ignore_errors=True)
     model = exported["model_bytes"]
-    gb = lambda b: f"{b / 1e9:6.2f} GB"
-    print(f"{_PRESET.value} in {_DTYPE.value}: model {gb(model)} ({model:,} B), safetensors {gb(files)}")
-    print(f"{'step':<44}{'seconds':>9}{'peak RSS':>12}{'/ model':>9}")
-    rows = [
+    gb = lambda b: f"{b / 1e9:.2f} GB"
+    phases = [
         ("baseline process: import jax (wait4)", base_wall, base_peak),
         ("export process: build random model (VmHWM)", exported["build_s"], exported["build_peak"]),
         ("export process: save_pretrained (VmHWM)", exported["export_s"], exported["export_peak"]),
@@ -147,12 +145,14 @@ def main(argv):
         ("import process: from_pretrained (VmHWM)", imported["import_s"], imported["import_peak"]),
         ("import process, whole (wall, wait4)", import_wall, import_peak),
     ]
-    for name, seconds, peak in rows:
-        print(f"{name:<44}{seconds:>9.1f}{gb(peak):>12}{peak / model:>7.2f} x")
     worst = max(exported["export_peak"], import_peak)
-    print(f"goal: peak RSS of export and import <= 1.5 x model bytes: {worst / model:.2f} x, "
-          f"{'met' if worst <= 1.5 * model else 'NOT met'} (each figure includes the baseline)")
-
-
-if __name__ == "__main__":
-    app.run(main)
+    text = (f"{preset} in {dtype}: model {gb(model)} ({model:,} B), safetensors {gb(files)}\n\n"
+            + table(["phase", "seconds", "peak RSS", "/ model"],
+                    [[name, f"{s:.1f}", gb(peak), f"{peak / model:.2f} x"] for name, s, peak in phases])
+            + f"\n\ngoal: peak RSS of export and import <= 1.5 x model bytes: {worst / model:.2f} x, "
+            f"{'met' if worst <= 1.5 * model else 'NOT met'} (each figure includes the baseline)")
+    return Result(text, {
+        "preset": preset, "dtype": dtype, "model_bytes": model, "safetensors_bytes": files,
+        "phases": [{"phase": name, "seconds": s, "peak_rss_bytes": peak} for name, s, peak in phases],
+        "export_s": exported["export_s"], "import_s": imported["import_s"],
+        "peak_over_model": worst / model, "goal_met": worst <= 1.5 * model})

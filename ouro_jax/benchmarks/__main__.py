@@ -1,0 +1,124 @@
+"""`python -m ouro_jax.benchmarks --bench=NAME[,NAME...] [--json=FILE]`: run benchmarks, print each as
+markdown and add its figures to FILE (a JSON object keyed by benchmark name; other entries are kept).
+
+    python -m ouro_jax.benchmarks --bench=train                 # every train.* benchmark
+    python -m ouro_jax.benchmarks --bench=train.fwd_bwd,train.step --scan_layers=false \
+        --remat_policy=save_qkv_context
+    python -m ouro_jax.benchmarks --bench=decode --json=bench.json
+    python -m ouro_jax.benchmarks --bench=decode.exit --run_dir=runs/demo
+    python -m ouro_jax.benchmarks --bench=convert.roundtrip --preset=ouro_1p4b
+
+NAME is a benchmark (`BENCHMARKS`) or a group (train, decode, convert). What each measures is in the
+docstrings of `ouro_jax.benchmarks.train`, `.decode` and `.convert`. Bad input prints one line.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+from ouro_jax import cli
+
+BENCHMARKS = ("train.compile", "train.memory", "train.fwd_bwd", "train.step", "decode.speed", "decode.cache",
+              "decode.exit", "convert.roundtrip")
+
+_BENCH = flags.DEFINE_list("bench", None, "Benchmarks or groups to run: " + ", ".join(BENCHMARKS) + ".")
+_JSON = flags.DEFINE_string("json", None, "Add the figures to this JSON file.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (train.*: median; decode.*: minimum).")
+# train.*
+_BATCH = flags.DEFINE_integer("batch", 8, "train.*: batch rows.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "train.*: tokens per row.")
+_REMAT_POLICY = flags.DEFINE_string("remat_policy", "none", "train.fwd_bwd, train.step: "
+                                    "OuroConfig.remat_policy.")
+_SCAN_LAYERS = flags.DEFINE_bool("scan_layers", True, "train.fwd_bwd, train.step: OuroConfig.scan_layers.")
+_BETA = flags.DEFINE_float("beta", 0.1, "train.*: Stage I entropy coefficient.")
+# decode.*
+_BATCHES = flags.DEFINE_list("batches", ["1", "8"], "decode.speed: batch sizes.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "decode.speed, decode.cache: prompt length.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "decode.speed, decode.cache: new tokens.")
+_RUN_DIR = flags.DEFINE_string("run_dir", None, "decode.exit: a trained p-hop run; default: train the demo "
+                               "recipe into a temporary run.")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 1500, "decode.exit: steps when it trains its own run.")
+_EXAMPLES = flags.DEFINE_integer("examples", 256, "decode.exit: held-out p-hop sequences.")
+_EXIT_BATCHES = flags.DEFINE_list("exit_batches", ["1", "16"], "decode.exit: batch sizes.")
+_THRESHOLDS = flags.DEFINE_list(
+    "thresholds", ["0.9", "0.7", "0.5", "0.3", "0.2", "0.1", "0.05", "0.02", "0.01", "0.005"],
+    "decode.exit: Q-exit thresholds q.")
+_DELTAS = flags.DEFINE_list("deltas", ["0.6", "0.7", "0.8", "1.0"], "decode.exit: hidden_delta_eps values.")
+# convert.*
+_PRESET = flags.DEFINE_string("preset", "ouro_1p4b", "convert.roundtrip: OuroConfig preset.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"],
+                           "convert.roundtrip: dtype of the parameters and of the files.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "convert.roundtrip: where the export goes (default: a "
+                               "temporary directory).")
+_KEEP = flags.DEFINE_bool("keep", False, "convert.roundtrip: keep the export.")
+flags.mark_flag_as_required("bench")
+
+
+def selected(names: list[str]) -> list[str]:
+    """Benchmark names from --bench (a group name stands for its benchmarks), in the order given."""
+    out = []
+    for name in names:
+        group = [b for b in BENCHMARKS if b.split(".")[0] == name]
+        if name not in BENCHMARKS and not group:
+            raise cli.UserError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)} or a "
+                                "group (train, decode, convert)")
+        out += [b for b in (group or [name]) if b not in out]
+    return out
+
+
+def _numbers(flag) -> list:
+    kind = float if flag.name in ("thresholds", "deltas") else int
+    try:
+        return [kind(v) for v in flag.value]
+    except ValueError:
+        raise cli.UserError(f"--{flag.name}={','.join(flag.value)}: expected numbers") from None
+
+
+def _run(name: str):
+    """The `Result` of benchmark `name` with the flags' settings."""
+    from ouro_jax.benchmarks import convert, decode, train
+
+    sizes = dict(batch=_BATCH.value, seq_len=_SEQ_LEN.value, beta=_BETA.value)
+    layout = dict(remat_policy=_REMAT_POLICY.value, scan_layers=_SCAN_LAYERS.value)
+    repeats = _REPEATS.value
+    tokens = dict(prompt_len=_PROMPT_LEN.value, new_tokens=_NEW_TOKENS.value)
+    return {
+        "train.compile": lambda: train.compile_time(repeats=repeats, **sizes),
+        "train.memory": lambda: train.memory(**sizes),
+        "train.fwd_bwd": lambda: train.fwd_bwd(repeats=repeats, **sizes, **layout),
+        "train.step": lambda: train.step(repeats=repeats, **sizes, **layout),
+        "decode.speed": lambda: decode.speed(repeats=repeats, batches=_numbers(_BATCHES), **tokens),
+        "decode.cache": lambda: decode.cache(repeats=repeats, **tokens),
+        "decode.exit": lambda: decode.exit_policies(
+            repeats=repeats, run_dir=_RUN_DIR.value, train_steps=_TRAIN_STEPS.value, examples=_EXAMPLES.value,
+            batches=_numbers(_EXIT_BATCHES), thresholds=_numbers(_THRESHOLDS), deltas=_numbers(_DELTAS)),
+        "convert.roundtrip": lambda: convert.roundtrip(preset=_PRESET.value, dtype=_DTYPE.value,
+                                                       workdir=_WORKDIR.value, keep=_KEEP.value),
+    }[name]()
+
+
+def main(argv):
+    del argv
+    names = selected(_BENCH.value)
+    for flag in (_BATCHES, _EXIT_BATCHES, _THRESHOLDS, _DELTAS):
+        _numbers(flag)  # refuse bad numbers before anything runs
+    if _REPEATS.value < 1:
+        raise cli.UserError(f"--repeats={_REPEATS.value} must be >= 1")
+    from ouro_jax.benchmarks import common
+
+    env = common.environment()
+    print(f"jax {env['jax']} on {env['platform']} ({env['device_kind']}), {env['devices']} device(s)")
+    for name in names:
+        print(f"\n## {name}\n", flush=True)
+        result = _run(name)
+        print(result.text, flush=True)
+        if _JSON.value:
+            common.write_json(_JSON.value, name, result, env)
+    if _JSON.value:
+        print(f"\nfigures: {_JSON.value}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,259 @@
+"""Generation benchmarks of `ouro_jax.generate` (KV-cached decoding with adaptive exit).
+
+  decode.speed  decode tokens/s at the CPU benchmark shape (`model.config.cpu_benchmark`, random
+                weights, float32), greedy: ouro_jax `generate` vs the same weights in PyTorch through
+                Hugging Face `generate` (`convert.hf.to_torch`), side by side in one run. Decode time
+                for both = min wall(generate M tokens) - min wall(generate 1 token), i.e. everything
+                after the first token, over `repeats` interleaved runs after a warm-up (no compilation
+                is timed).
+  decode.cache  KV cache bytes and decode tokens/s for kv_sharing none / last / average (batch 8):
+                decoded tokens keep 1/T of the cache under sharing.
+  decode.exit   a trained p-hop model (`run_dir`, else the demo recipe is trained in-process into a
+                temporary run): the first half of each held-out sequence is the prompt, the second half
+                is fed back token by token (teacher forcing through `generate(forced_tokens=...)`, one
+                decode step per token as in generation). Each decode step's token is the model's answer
+                at the last position so far; answer accuracy = agreement with the p-hop target over the
+                positions whose hop chain exists. Decode time per decoded token under Q-exit (a sweep of
+                q, arXiv:2510.25741 §3.4) and the hidden-state-delta rule vs full depth, as the marginal
+                time per token (the policy-independent fixed cost of a decode call is subtracted, and
+                also shown included); reports the largest saving by a q whose answer accuracy is within
+                1 point of full depth. A last table shows skipping at a realistic per-loop cost
+                (cpu_benchmark shape, random weights).
+
+Why batch-8 decode trails HF's speed-up at batch 1: with static shapes every decoded token reads all M
+decoded positions of all T x N caches (masked); HF's dynamic cache reads only the filled part.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+
+import numpy as np
+from flax import nnx
+
+from ouro_jax.benchmarks.common import Result, table, wall
+from ouro_jax.data.tasks import PHop, phop_targets
+from ouro_jax.inference.decode import generate
+from ouro_jax.model import config as configs
+from ouro_jax.model.ouro import Ouro
+
+
+def _benchmark_model() -> Ouro:
+    return Ouro(configs.cpu_benchmark(), rngs=nnx.Rngs(0))
+
+
+# --- speed -------------------------------------------------------------------------------------
+def speed(*, repeats: int, batches: list[int], prompt_len: int = 64, new_tokens: int = 128) -> Result:
+    """Decode tokens/s of ouro_jax vs HF `generate` per batch size (module docstring)."""
+    import torch
+
+    from ouro_jax.convert.hf import to_torch
+
+    model = _benchmark_model()
+    torch_model = to_torch(model)
+    m = new_tokens
+    rows, figures = [], []
+    for batch in batches:
+        ids = np.random.default_rng(batch).integers(3, model.config.vocab_size, (batch, prompt_len))
+        ids_t = torch.tensor(ids)
+
+        def ours(n, ids=ids):
+            return generate(model, ids, n)
+
+        def theirs(n, ids_t=ids_t):
+            with torch.inference_mode():
+                return torch_model.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=n,
+                                            min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+        same = bool((ours(m).tokens == theirs(m)[:, ids.shape[1]:].numpy()).all())  # also warms up
+        ours(1), theirs(1)
+        walls = {}
+        for _ in range(repeats):  # interleaved, so machine noise hits both alike; min is the estimate
+            for name, fn in (("ours", ours), ("theirs", theirs)):
+                for n in (m, 1):
+                    walls.setdefault((name, n), []).append(wall(lambda fn=fn, n=n: fn(n)))
+        ours_s = min(walls["ours", m]) - min(walls["ours", 1])
+        theirs_s = min(walls["theirs", m]) - min(walls["theirs", 1])
+        inner = max(ours(m).stats.decode_tokens_per_s for _ in range(repeats))
+        tokens = batch * (m - 1)
+        rows.append([batch, f"{tokens / ours_s:.0f}", f"{inner:.0f}", f"{tokens / theirs_s:.0f}",
+                     f"{theirs_s / ours_s:.1f}x", same])
+        figures.append({"batch": batch, "ouro_jax_tokens_per_s": tokens / ours_s,
+                        "ouro_jax_decode_loop_tokens_per_s": inner, "hf_tokens_per_s": tokens / theirs_s,
+                        "speedup": theirs_s / ours_s, "same_tokens": same})
+    text = (f"decode speed (cpu_benchmark shape, prompt {prompt_len}, {m} new tokens, greedy, float32)\n\n"
+            + table(["batch", "ouro_jax tok/s", "ouro_jax tok/s (decode loop only)",
+                     "PyTorch HF generate tok/s", "speed-up", "same tokens"], rows))
+    return Result(text, {"batches": figures, "prompt_len": prompt_len, "new_tokens": m, "repeats": repeats})
+
+
+# --- cache -------------------------------------------------------------------------------------
+def cache(*, repeats: int, prompt_len: int = 64, new_tokens: int = 128) -> Result:
+    """KV cache bytes and decode tokens/s per kv_sharing mode, batch 8."""
+    model = _benchmark_model()
+    ids = np.random.default_rng(0).integers(3, model.config.vocab_size, (8, prompt_len))
+    rows, figures, none = [], [], None
+    for sharing in ("none", "last", "average"):
+        outs = [generate(model, ids, new_tokens, kv_sharing=sharing) for _ in range(repeats + 1)]
+        nbytes = outs[0].stats.cache_bytes
+        none = none or nbytes
+        tokens_per_s = max(o.stats.decode_tokens_per_s for o in outs[1:])
+        rows.append([sharing, nbytes["prompt"], nbytes["decoded"], nbytes["total"],
+                     f"{nbytes['decoded'] / none['decoded']:.4f}", f"{tokens_per_s:.0f}"])
+        figures.append({"kv_sharing": sharing, **{f"{k}_bytes": v for k, v in nbytes.items()},
+                        "decoded_vs_none": nbytes["decoded"] / none["decoded"],
+                        "decode_tokens_per_s": tokens_per_s})
+    text = (f"KV cache (cpu_benchmark shape, T={model.config.total_ut_steps}, batch 8, prompt {prompt_len}, "
+            f"{new_tokens} new tokens, float32, greedy)\n\n"
+            + table(["kv_sharing", "prompt bytes", "decoded-token bytes", "total bytes", "decoded / none",
+                     "decode tok/s"], rows))
+    return Result(text, {"modes": figures, "prompt_len": prompt_len, "new_tokens": new_tokens})
+
+
+# --- exit --------------------------------------------------------------------------------------
+def _trained_run(run_dir: str | None, train_steps: int) -> str:
+    """`run_dir`, or a new temporary run of the p-hop demo recipe trained for `train_steps` steps."""
+    if run_dir:
+        return run_dir
+    from ouro_jax.train import loop, recipes
+
+    workdir = tempfile.mkdtemp(prefix="ouro_phop_")
+    print(f"training the demo recipe for {train_steps} steps into {workdir} ...", file=sys.stderr)
+    try:
+        loop.train(recipes.demo(steps=train_steps), workdir)
+    except loop.Interrupted as err:  # the run is saved and resumable; stop the benchmark like Ctrl-C
+        print(f"stopped: {err} (pass --run_dir={workdir})", file=sys.stderr)
+        raise KeyboardInterrupt from None
+    return workdir
+
+
+def _answer_accuracy(x: np.ndarray, predictions: np.ndarray, hops: int) -> tuple[float, float]:
+    """(all answered positions, last position) accuracy in %. predictions [B, M] are the answers at
+    positions n - M .. n - 1 of the sequences x [B, n]; positions without a full hop chain are skipped."""
+    targets, defined = phop_targets(x, hops)
+    answered = slice(x.shape[1] - predictions.shape[1], None)
+    correct, defined = predictions == targets[:, answered], defined[:, answered]
+    return 100 * correct[defined].mean(), 100 * correct[:, -1][defined[:, -1]].mean()
+
+
+def _exit_table(model, x, prompt_len, settings, batch, hops, repeats) -> list[dict]:
+    """One row per setting: accuracy, depth, loops run and decode time per decoded token.
+
+    The first `prompt_len` tokens of each sequence are the prompt; the rest are fed back one by one
+    (teacher forcing, `forced_tokens`), so every prediction is an in-distribution answer and costs one
+    decode step, exactly like a generated token. Per chunk of `batch` sequences the minimum decode time
+    over `repeats` runs is kept (settings interleaved in random order). A decode call also has a fixed
+    cost that does not depend on the policy (launching the executable, ~0.1-0.2 ms on CPU): measured
+    as the decode time of a 1-token generation (no decode step), it is subtracted for the marginal time
+    per token `us` and kept in `us_total`.
+    """
+    new_tokens = x.shape[1] - prompt_len + 1  # predictions for positions prompt_len - 1 .. n - 1
+    forced = np.pad(x[:, prompt_len:], ((0, 0), (0, 1)))  # the last column is never fed back
+    chunks = [slice(i, i + batch) for i in range(0, len(x), batch)]
+    times = {name: [np.inf] * len(chunks) for name, _ in settings}
+    outs = {name: [None] * len(chunks) for name, _ in settings}
+    fixed, order = np.inf, np.random.default_rng(0)
+    for c, rows in enumerate(chunks):
+        prompts = x[rows, :prompt_len]
+        for _ in range(repeats):
+            for i in order.permutation(len(settings) + 1):  # a fresh random order: no position bias
+                if i == len(settings):
+                    fixed = min(fixed, generate(model, prompts, 1).stats.decode_s)
+                    continue
+                name, kwargs = settings[i]
+                outs[name][c] = generate(model, prompts, new_tokens, forced_tokens=forced[rows], **kwargs)
+                times[name][c] = min(times[name][c], outs[name][c].stats.decode_s)
+    result = []
+    for name, _ in settings:
+        o = outs[name]
+        exit_loops = np.concatenate([r.exit_loops for r in o])  # 1..T, 0 where no token was generated
+        decoded = int((exit_loops[:, 1:] > 0).sum())
+        acc, last = _answer_accuracy(x, np.concatenate([r.tokens for r in o]), hops)
+        result.append(dict(
+            name=name, acc=acc, last=last, depth=float(exit_loops[exit_loops > 0].mean()),
+            executed=sum(r.stats.loops_run for r in o) / sum(r.stats.loops_full_depth for r in o),
+            us=1e6 * (sum(times[name]) - fixed * len(chunks)) / decoded,
+            us_total=1e6 * sum(times[name]) / decoded))
+    for row in result:
+        row["saved"] = 100 * (1 - row["us"] / result[0]["us"])
+        row["saved_total"] = 100 * (1 - row["us_total"] / result[0]["us_total"])
+    return result
+
+
+def exit_policies(*, repeats: int, run_dir: str | None, train_steps: int = 1500, examples: int = 256,
+                  batches: list[int], thresholds: list[float], deltas: list[float]) -> Result:
+    """Answer accuracy vs decode time of Q-exit and hidden-delta exit on a trained p-hop model, and
+    the skipping mechanism at the cpu_benchmark shape (module docstring)."""
+    from ouro_jax import run
+    from ouro_jax.convert.pretrained import from_pretrained
+
+    run_dir = _trained_run(run_dir, train_steps)
+    model = from_pretrained(run_dir)
+    data = run.read_config(run_dir).data
+    n, phop = data.seq_len, data.phop
+    x = PHop(n=n, p=phop.p, alphabet=phop.alphabet, seed=12345, stream=1).batch(range(examples))["input_ids"]
+    prompt_len = n // 2
+    settings = ([("full depth", {})]
+                + [(f"Q-exit q={q}", {"exit_threshold": float(q)}) for q in thresholds]
+                + [(f"hidden delta eps={e}", {"exit_policy": "hidden_delta", "hidden_delta_eps": float(e)})
+                   for e in deltas])
+    sections, figures = [], {"run_dir": str(run_dir), "examples": examples, "prompt_len": prompt_len,
+                             "seq_len": n, "hops": phop.p, "repeats": repeats, "batches": []}
+    for batch in batches:
+        rows = _exit_table(model, x, prompt_len, settings, batch, phop.p, repeats)
+        full = rows[0]
+        ok = [r for r in rows if r["name"].startswith("Q-exit") and r["acc"] >= full["acc"] - 1.0]
+        best = max(ok, key=lambda r: r["saved"], default=None)
+        verdict = (f"{best['name']}: answer accuracy {best['acc']:.2f} % vs {full['acc']:.2f} % at full "
+                   f"depth, decode time per token {-best['saved']:+.0f} % (loops run "
+                   f"{best['executed']:.2f} of full depth's)" if best else "none")
+        sections.append(
+            f"adaptive exit, batch {batch} ({examples} held-out {phop.p}-hop sequences of length {n}: "
+            f"prompt {prompt_len}, then {n - prompt_len} decode steps answering positions "
+            f"{prompt_len - 1}..{n - 1}; run {run_dir})\n\n"
+            + table(["policy", "answer acc %", "last-position acc %", "mean depth (loops)",
+                     "loops run / full depth", "µs / decoded token", "time saved",
+                     "µs / decoded token incl. fixed call cost", "time saved incl. fixed"],
+                    [[r["name"], f"{r['acc']:.2f}", f"{r['last']:.2f}", f"{r['depth']:.2f}",
+                      f"{r['executed']:.2f}", f"{r['us']:.1f}", f"{r['saved']:.0f} %",
+                      f"{r['us_total']:.1f}", f"{r['saved_total']:.0f} %"] for r in rows])
+            + f"\n\nFastest Q-exit within 1 point of full-depth answer accuracy: {verdict}")
+        figures["batches"].append({"batch": batch, "policies": rows, "best_q_exit": best and best["name"]})
+    mechanism_text, mechanism = _exit_mechanism(repeats)
+    figures["mechanism"] = mechanism
+    return Result("\n\n".join([*sections, mechanism_text]), figures)
+
+
+def _exit_mechanism(repeats: int) -> tuple[str, list[dict]]:
+    """Skipping at a realistic loop cost: the cpu_benchmark shape (random weights, gate kernel x10 so
+    that tokens exit at various loops), batch 1, prompt 64, 64 new tokens; tokens are not meaningful,
+    only time against loops run is."""
+    model = _benchmark_model()
+    model.early_exit_gate.kernel[...] = model.early_exit_gate.kernel[...] * 10
+    prompts = np.random.default_rng(0).integers(3, model.config.vocab_size, (4, 64))
+    settings = [("full depth", {})] + [(f"Q-exit q={q}", {"exit_threshold": q}) for q in (0.9, 0.7, 0.5, 0.3)]
+    times = {name: [np.inf] * len(prompts) for name, _ in settings}
+    outs = {name: [None] * len(prompts) for name, _ in settings}
+    order = np.random.default_rng(0)
+    for c, prompt in enumerate(prompts):
+        for _ in range(repeats):
+            for i in order.permutation(len(settings)):
+                name, kwargs = settings[i]
+                outs[name][c] = generate(model, prompt[None], 65, **kwargs)
+                times[name][c] = min(times[name][c], outs[name][c].stats.decode_s)
+    figures = []
+    for name, _ in settings:
+        stats = [o.stats for o in outs[name]]
+        figures.append({"name": name,
+                        "executed": sum(s.loops_run for s in stats) / sum(s.loops_full_depth for s in stats),
+                        "us": 1e6 * sum(times[name]) / (64 * len(prompts))})
+    for row in figures:
+        row["saved"] = 100 * (1 - row["us"] / figures[0]["us"])
+    text = ("adaptive exit mechanism at the cpu_benchmark shape (random weights, batch 1, prompt 64, 64 new "
+            "tokens; time per decoded token incl. the fixed call cost)\n\n"
+            + table(["policy", "loops run / full depth", "µs / decoded token", "time saved"],
+                    [[r["name"], f"{r['executed']:.2f}", f"{r['us']:.0f}", f"{r['saved']:.0f} %"]
+                     for r in figures]))
+    return text, figures
+

@@ -1,0 +1,81 @@
+"""The one error path of every `python -m ouro_jax.<package>` command.
+
+    from ouro_jax import cli
+    ...absl flags at module level...
+    def main(argv): ...
+    if __name__ == "__main__":
+        cli.run(main)
+
+`run` parses the flags (a bad flag, an unknown `--config.*` key or a config file that cannot be loaded
+prints one line), keeps library logging (Orbax, grain, absl INFO) quiet unless `--verbosity` is given,
+and turns the user mistakes that `main` raises (`UserError`, `ValueError`, `OSError`) into one line
+`error: ...` on stderr and exit status 1 (`USAGE_ERROR`). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import re
+import sys
+from collections.abc import Callable
+
+from absl import app, flags, logging
+
+USAGE_ERROR = 1
+"""Exit status of a command refused because of its input (nothing was written)."""
+
+
+class UserError(ValueError):
+    """A mistake in what the user asked for; the message is shown as one line."""
+
+
+def one_line(err: BaseException | str) -> str:
+    """An exception's message collapsed to one readable line (ml_collections' quoted reprs unwrapped)."""
+    text = str(err)
+    suggestion = re.search(r"'([^']+)'.*Did you mean \"([^\"]+)\" instead of \"([^\"]+)\"", text, re.S)
+    if suggestion:
+        return f"unknown config key {suggestion.group(3)!r}; did you mean {suggestion.group(2)!r}?"
+    text = " ".join(text.replace("\\n", " ").replace("\\'", "'").split())
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a repr'd message (KeyError, ...)
+        text = text[1:-1]
+    return text or type(err).__name__
+
+
+def fail(message: BaseException | str, status: int = USAGE_ERROR):
+    """Print `error: message` (one line) on stderr and exit with `status`."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _parse(argv: list[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except Exception as err:
+        fail(err)
+
+
+def quiet_logs() -> None:
+    """WARNING and above only, for absl and for the libraries that log every save/compile at INFO."""
+    logging.set_verbosity(logging.WARNING)
+    for name in ("orbax", "absl", "jax", "grain", "tensorstore"):
+        std_logging.getLogger(name).setLevel(std_logging.WARNING)
+
+
+def run(main: Callable[[list[str]], object]) -> None:
+    """`absl.app.run(main)` with the one-line error path described in the module docstring."""
+
+    def guarded(argv):
+        if len(argv) > 1:
+            fail(f"unexpected arguments {argv[1:]} (every option is a --flag)")
+        if not flags.FLAGS["verbosity"].present:
+            quiet_logs()
+        try:
+            status = main(argv)
+        except (ValueError, OSError) as err:  # UserError is a ValueError
+            fail(err)
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(130)
+        sys.exit(status or 0)
+
+    app.run(guarded, flags_parser=_parse)

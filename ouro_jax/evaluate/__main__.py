@@ -1,0 +1,124 @@
+"""`python -m ouro_jax.evaluate --model=PATH [--data=...] --output_dir=DIR [--extra_loops=K]`
+
+Evaluates a looped model loop by loop (arXiv:2510.25741 §5.4.1): for loops 1..T (and T+1..T+K with
+--extra_loops=K) the cross-entropy, perplexity, next-token accuracy and, on the synthetic tasks, answer
+accuracy; the gate's exit distribution; and for Q-exit over a grid of q, static exits and the hidden-state
+rules (absolute and relative) the accuracy / CE and mean depth. Prints one markdown table and writes
+DIR/metrics.json and DIR/{accuracy_vs_depth,exit_histogram,per_loop}.png.
+
+PATH: a run directory (its latest checkpoint), one of its steps (RUN/checkpoints/<step>) or a Hugging Face
+Ouro directory. --data: empty for a run's own held-out data; a synthetic task name (e.g. phop); or .txt /
+.jsonl files (comma-separated paths or globs), tokenised with PATH/tokenizer.json when present, else the
+bundled Ouro tokenizer (--tokenizer overrides).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import flags
+
+from ouro_jax import cli
+
+_MODEL = flags.DEFINE_string("model", None, "Run directory, step directory or Hugging Face Ouro directory.")
+_DATA = flags.DEFINE_string("data", "", "Empty: the run's held-out data; a task name (phop, ...); or "
+                            ".txt/.jsonl files (comma-separated).")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where metrics.json and the PNG plots go.")
+_EXTRA_LOOPS = flags.DEFINE_integer("extra_loops", 0, "Also run loops T+1..T+K (extrapolation).",
+                                    lower_bound=0)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Rows per batch (default: the run's, or 8 for text).",
+                                   lower_bound=1)
+_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Tokens per row (default: the run's / task's, or 256 for "
+                                "text).", lower_bound=2)
+_NUM_BATCHES = flags.DEFINE_integer("num_batches", None, "Batches to evaluate (default: the run's "
+                                    "eval_batches, 8 for a task, all of text files).", lower_bound=1)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of a task's held-out examples (--data=TASK).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "'ouro' or a tokenizer.json for text data "
+                                 "(default: PATH/tokenizer.json when present, else 'ouro').")
+_TEXT_FIELD = flags.DEFINE_string("text_field", "text", "Field holding the text in .jsonl lines.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
+_Q = flags.DEFINE_list("q", None, "Q-exit thresholds in [0, 1] (default 0.05,0.1,0.2,...,0.9,0.95,0.99).")
+_HIDDEN_ABS = flags.DEFINE_list("hidden_abs_eps", None, "Thresholds of ||h_t - h_t-1||_2 (default: the "
+                                "relative grid times sqrt(hidden_size)).")
+_HIDDEN_REL = flags.DEFINE_list("hidden_rel_eps", None, "Thresholds of ||h_t - h_t-1|| / ||h_t-1|| "
+                                "(default 0.005,0.01,0.02,0.05,0.1,0.2,0.3,0.5).")
+flags.mark_flags_as_required(["model", "output_dir"])
+
+
+class _Progress:
+    """`evaluate [########------------] 12/32 batches  3.1 batches/s  ETA 0m06s` on stderr, redrawn in place
+    on a terminal, else a line every 10 seconds and at the end."""
+
+    def __init__(self, total: int):
+        self.total, self.t0, self.last = total, time.perf_counter(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: int) -> None:
+        now = time.perf_counter() - self.t0
+        if not self.tty and now - self.last < 10 and done != self.total:
+            return
+        self.last = now
+        rate = done / max(now, 1e-9)
+        eta = int((self.total - done) / rate) if rate else 0
+        filled = 20 * done // max(self.total, 1)
+        line = (f"evaluate [{'#' * filled}{'-' * (20 - filled)}] {done}/{self.total} batches  "
+                f"{rate:.2f} batches/s  ETA {eta // 60}m{eta % 60:02d}s")
+        sys.stderr.write(f"\r{line}" + ("\n" if done == self.total else "") if self.tty else f"{line}\n")
+        sys.stderr.flush()
+
+
+def _floats(values, name: str) -> tuple[float, ...] | None:
+    if values is None:
+        return None
+    try:
+        return tuple(float(v) for v in values)
+    except ValueError:
+        raise cli.UserError(f"--{name}: expected comma-separated numbers, got {','.join(values)}") from None
+
+
+def _grid(hidden_size: int):
+    from ouro_jax.evaluate import policies
+
+    default = policies.Grid.default(hidden_size)
+    chosen = {name: _floats(flag.value, flag.name) for name, flag in
+              (("q", _Q), ("hidden_abs", _HIDDEN_ABS), ("hidden_rel", _HIDDEN_REL))}
+    return policies.Grid(**{name: getattr(default, name) if v is None else v for name, v in chosen.items()})
+
+
+def main(argv):
+    del argv
+    from ouro_jax import run
+    from ouro_jax.convert.pretrained import from_pretrained
+    from ouro_jax.evaluate import data, metrics, plots
+
+    location = run.locate(_MODEL.value)
+    model = from_pretrained(_MODEL.value, dtype=_DTYPE.value)
+    config = model.config
+    grid = _grid(config.hidden_size)
+    tokenizer = _TOKENIZER.value or (str(location.root) if (location.root / "tokenizer.json").is_file()
+                                     else "ouro")
+    batches, description = data.load(
+        _DATA.value, model_path=_MODEL.value, model_kind=location.kind, vocab_size=config.vocab_size,
+        seed=_SEED.value, batch_size=_BATCH_SIZE.value, seq_len=_SEQ_LEN.value,
+        num_batches=_NUM_BATCHES.value, tokenizer=tokenizer, field=_TEXT_FIELD.value)
+    num_loops = config.total_ut_steps + _EXTRA_LOOPS.value
+    result = metrics.evaluate(model, batches, grid, num_loops=num_loops, progress=_Progress(len(batches)))
+    result = {"model": os.path.abspath(_MODEL.value), "data": description, **result}
+    os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
+    with open(os.path.join(_OUTPUT_DIR.value, "metrics.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    paths = plots.save(plots.figures(result, title=f"{os.path.basename(os.path.abspath(_MODEL.value))}, "
+                                     f"{description}"), _OUTPUT_DIR.value)
+    print(f"{result['model']} on {description}: {int(result['num_tokens'])} tokens"
+          + (f", {int(result['num_answers'])} answers" if result["num_answers"] else "")
+          + f"; {num_loops} loops (trained {config.total_ut_steps}); gate: mean exit loop "
+          f"{result['mean_exit_loop']:.2f}, exit entropy {result['entropy']:.3f}\n")
+    print(metrics.markdown_table(result))
+    print(f"\nwrote {os.path.join(_OUTPUT_DIR.value, 'metrics.json')}, " + ", ".join(paths))
+
+
+if __name__ == "__main__":
+    cli.run(main)

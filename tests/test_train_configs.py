@@ -1,0 +1,110 @@
+"""Every shipped training config loads (from its file, without the repository on sys.path), validates,
+and carries the published recipe values; variants and keys are checked by one helper."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ouro_jax.train import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name, arg=None):
+    path = os.path.join(REPO, "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def _with_local_data(c, tmp_path):
+    """Point a config's data at files that exist here (the recipes name corpora of their own)."""
+    if c.data.source == "array_record":
+        (tmp_path / "shard-0.array_record").write_bytes(b"")
+        c.data.array_record.paths = str(tmp_path / "*.array_record")
+    elif c.data.source == "text":
+        (tmp_path / "doc.txt").write_text("In the beginning.\n\nAnd the earth.\n")
+        c.data.text.files = str(tmp_path / "doc.txt")
+    return c
+
+
+@pytest.mark.parametrize("name, arg", [
+    ("demo", None), ("demo", "steps=50"), ("text", None), ("text", "size=medium"), ("text", "size=cpu"),
+    ("ouro_1p4b", "1a"), ("ouro_1p4b", "1b"), ("ouro_1p4b", "2"), ("ouro_1p4b", "3"), ("ouro_1p4b", "4"),
+    ("ouro_2p6b", "1b"), ("ouro_2p6b", "4"), ("gate_stage2", "demo"), ("gate_stage2", "ouro_1p4b"),
+])
+def test_config_validates(name, arg, tmp_path):
+    c = _with_local_data(_load(name, arg), tmp_path)
+    if c.init_upcycle or c.objective.stage == 2:  # upcycling and Stage II need a source run
+        with pytest.raises(config_lib.ConfigError, match=r"(init_upcycle: needs|init_from: Stage II)"):
+            config_lib.validate(c)
+        c.init_from = "/runs/ouro_1p4b_1a"
+    resolved = config_lib.validate(c)
+    assert resolved.model.total_ut_steps >= 1
+
+
+def test_paper_stages():
+    # (T, beta, seq_len, schedule, final lr, rope theta) per stage, from the paper's Table 1
+    expected = {"1a": (8, 0.1, 4096, "constant", 3e-4, 1e4), "1b": (4, 0.05, 4096, "constant", 3e-4, 1e4),
+                "2": (4, 0.05, 16384, "cosine", 3e-5, 4e4), "3": (4, 0.05, 65536, "constant", 3e-5, 1e6),
+                "4": (4, 0.05, 32768, "cosine", 1e-5, 1e6)}
+    for stage, (steps, beta, seq, schedule, final_lr, theta) in expected.items():
+        c = _load("ouro_1p4b", stage)
+        assert (c.model.total_ut_steps, c.objective.beta, c.data.seq_len, c.optimizer.schedule) == (
+            steps, beta, seq, schedule)
+        assert c.optimizer.learning_rate * c.optimizer.min_lr_ratio == pytest.approx(final_lr)
+        assert c.model.rope_theta == theta and c.model.num_hidden_layers == 24
+        assert c.data.batch_size * c.data.seq_len == (4 if stage == "1a" else 8) * 2**20
+        assert (c.optimizer.b1, c.optimizer.b2, c.optimizer.weight_decay, c.optimizer.clip_norm) == (
+            0.9, 0.95, 0.1, 1.0)
+    two = _load("ouro_2p6b", "1b")
+    assert two.model.num_hidden_layers == 48 and two.init_upcycle == "stacked"
+    assert _load("gate_stage2", "demo").objective.stage == 2
+
+
+def test_unknown_variant_is_rejected():
+    with pytest.raises(config_lib.ConfigError, match="stage='5' must be one of 1a, 1b, 2, 3, 4"):
+        _load("ouro_1p4b", "5")
+    with pytest.raises(config_lib.ConfigError, match="stage='1a' must be one of 1b, 2, 3, 4"):
+        _load("ouro_2p6b", "1a")
+    with pytest.raises(config_lib.ConfigError, match="unknown variant key 'stpes'; did you mean 'steps'"):
+        _load("demo", "stpes=50")
+    with pytest.raises(config_lib.ConfigError, match="steps='abc' is not an integer"):
+        _load("demo", "steps=abc")
+    with pytest.raises(config_lib.ConfigError, match="size='large' must be one of cpu, small, medium"):
+        _load("text", "size=large")
+    assert _load("demo", "steps=7").total_steps == 7
+
+
+def test_validation_checks_mesh_batch_and_stage2_before_compiling(tmp_path):
+    c = _load("demo")
+    c.mesh.data = 3
+    with pytest.raises(config_lib.ConfigError, match="mesh"):
+        config_lib.validate(c, num_devices=8)
+    c.mesh.data = -1
+    c.data.batch_size = 12
+    with pytest.raises(config_lib.ConfigError, match=r"data\.batch_size: 12 rows must split"):
+        config_lib.validate(c, num_devices=8)
+    assert config_lib.validate(c, num_devices=4).mesh == {"data": 4, "fsdp": 1, "tensor": 1}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--config=configs/demo.py:stpes=50"], "unknown variant key 'stpes'; did you mean 'steps'?"),
+    (["--config=configs/demo.py", "--config.totl_steps=5"],
+     "unknown config key 'totl_steps'; did you mean 'total_steps'?"),
+    (["--config=configs/demoo.py"], "configs/demoo.py"),
+    (["--config=configs/ouro_1p4b.py:9"], "stage='9' must be one of"),
+])
+def test_cli_config_mistakes_are_one_line(args, needle, tmp_path):
+    workdir = tmp_path / "run"
+    args = [a.replace("configs/", os.path.join(REPO, "configs", "")) for a in args]
+    result = subprocess.run([sys.executable, "-m", "ouro_jax.train", f"--workdir={workdir}", *args],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert needle in lines[0]
+    assert not workdir.exists()
