@@ -10,7 +10,8 @@ Stage II  gate-only BCE of the continuation probability 1 - lambda_t against
           t = 2..T and divided by T as printed (§3.4, Eq. 6); the LM receives no gradient.
 
 Both compute each loop's cross-entropy inside the loop with the LM head recomputed in the backward
-pass, so at most one loop of [B, S, V] float32 logits is alive at a time. T is the number of loops.
+pass, in chunks of `CE_CHUNK` positions, so at most one chunk of one loop's [B, CE_CHUNK, V] float32
+logits is alive at a time. T is the number of loops.
 """
 
 from __future__ import annotations
@@ -28,13 +29,26 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def _token_ce_and_correct(model: Ouro, targets: jax.Array):
-    """A `readout` for `Ouro.loop`: hidden [B, S, D] -> (CE [B, S] float32, argmax == target [B, S])."""
+CE_CHUNK = 1024  # positions per LM-head chunk (the whole row when S is shorter or not a multiple)
 
-    def readout(hidden):
+
+def _token_ce_and_correct(model: Ouro, targets: jax.Array):
+    """A `readout` for `Ouro.loop`: hidden [B, S, D] -> (CE [B, S] float32, argmax == target [B, S]),
+    computed over chunks of `CE_CHUNK` positions, each recomputed in the backward pass."""
+
+    def chunk(hidden, targets):  # [B, C, D], [B, C]
         logits = model.logits(hidden)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         return ce, jnp.argmax(logits, axis=-1) == targets
+
+    def readout(hidden):
+        b, s = hidden.shape[:2]
+        if s <= CE_CHUNK or s % CE_CHUNK:
+            return chunk(hidden, targets)
+        split = lambda x: x.reshape(b, s // CE_CHUNK, CE_CHUNK, *x.shape[2:]).swapaxes(0, 1)
+        ce, correct = jax.lax.map(jax.checkpoint(lambda xs: chunk(*xs)), (split(hidden), split(targets)))
+        join = lambda x: x.swapaxes(0, 1).reshape(b, s)
+        return join(ce), join(correct)
 
     return readout
 

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -298,12 +300,26 @@ class Checkpointer:
             data_iter=grain.checkpoint.CheckpointSave(data_iter)))
 
     def restore(self, step: int, abstract_params, abstract_train, data_iter) -> tuple[Any, Any]:
-        """(params, train) in the abstract trees' shapes and shardings; sets `data_iter`'s position."""
+        """(params, train) in the abstract trees' shapes and shardings; sets `data_iter`'s position.
+
+        Raises RunError when the step was saved by another number of processes (each process restores
+        its own iterator position, so the count must match)."""
+        self._check_process_count(step)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params),
             train=ocp.args.StandardRestore(abstract_train),
             data_iter=grain.checkpoint.CheckpointRestore(data_iter)))
         return restored["params"], restored["train"]
+
+    def _check_process_count(self, step: int) -> None:
+        files = (self.directory / str(step) / "data_iter").glob("process_*-of-*.json")
+        saved = {int(m.group(1)) for f in files if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", f.name))}
+        if saved and saved != {jax.process_count()}:
+            count = ", ".join(map(str, sorted(saved)))
+            raise RunError(
+                f"checkpoint {step} of {self.directory.parent} was saved by {count} processes, this run has "
+                f"{jax.process_count()}: resume with {count} processes (each restores its own data position) "
+                f"or train into a new --workdir with --config.init_from={self.directory.parent}")
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -15,12 +15,12 @@ to split the hidden dimension like the FSDP-sharded weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
-from absl import logging
 from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -177,6 +177,7 @@ def using(mesh: Mesh | None):
 def traced_on(mesh: Mesh | None, fn: Callable) -> Callable:
     """`fn` traced with `mesh` current (see `using`): wrap a function before `jax.jit`."""
 
+    @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         with using(mesh):
             return fn(*args, **kwargs)
@@ -195,15 +196,3 @@ def put_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict[
     """Assemble global arrays from this process's rows (each process holds its slice of rows)."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}
-
-
-def initialize_distributed() -> None:
-    """`jax.distributed.initialize()` on multi-process launches (SLURM, TPU pods, or when the
-    coordinator address is set); a no-op for a single process."""
-    import os
-
-    multi = any(k in os.environ for k in (
-        "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
-    if multi and int(os.environ.get("SLURM_NTASKS", "2")) > 1:
-        jax.distributed.initialize()
-        logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())

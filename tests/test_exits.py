@@ -13,7 +13,7 @@ def _logit(p):
     return float(np.log(p) - np.log1p(-p))
 
 
-# lambdas 0.2, 0.5, 0.9, (0.7 unused at the last step), one token
+# lambdas 0.2, 0.5, 0.9, (0.7 unused at the last loop), one token
 LAMBDAS = [0.2, 0.5, 0.9, 0.7]
 GATES = jnp.array([[_logit(p)] for p in LAMBDAS])  # [T=4, 1]
 HAND_PDF = [0.2, 0.8 * 0.5, 0.8 * 0.5 * 0.9, 0.8 * 0.5 * 0.1]  # 0.2, 0.4, 0.36, 0.04
@@ -48,38 +48,47 @@ def test_bfloat16_gates_give_float32_exits():
     np.testing.assert_allclose(jnp.sum(pdf), 1.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("q, step", [
+@pytest.mark.parametrize("q, loop_index", [
     (0.0, 0), (1e-9, 0), (0.2, 0), (0.2001, 1), (0.5, 1), (0.6, 1), (0.95, 2), (0.96, 2),
     (0.97, 3), (1.0, 3)])
-def test_q_exit_is_first_step_whose_cdf_reaches_q(q, step):
-    assert int(exits.q_exit_step(GATES, q)[0]) == step
+def test_q_exit_is_first_loop_whose_cdf_reaches_q(q, loop_index):
+    assert int(exits.q_exit_loop(GATES, q)[0]) == loop_index
 
 
-def test_q_exit_one_uses_last_step_even_when_cdf_rounds_to_one():
-    # lambda_1 = sigmoid(30): 1 - S_1 is exactly 1.0 in float32, yet q = 1 must use the last step.
+def test_q_exit_one_uses_last_loop_even_when_cdf_rounds_to_one():
+    # lambda_1 = sigmoid(30): 1 - S_1 is exactly 1.0 in float32, yet q = 1 must use the last loop.
     gates = jnp.array([[30.0], [0.0], [0.0]])
     assert float(exits.exit_cdf(gates)[0, 0]) == 1.0
-    assert int(exits.q_exit_step(gates, 1.0)[0]) == 2
-    assert int(exits.q_exit_step(gates, 0.999)[0]) == 0
+    assert int(exits.q_exit_loop(gates, 1.0)[0]) == 2
+    assert int(exits.q_exit_loop(gates, 0.999)[0]) == 0
 
 
 def test_q_exit_per_token():
     gates = jnp.stack([jnp.array([5.0, -5.0, -5.0]), jnp.array([0.0, 5.0, -5.0]),
                        jnp.array([0.0, 0.0, -5.0])])  # [T=3, tokens=3]
-    np.testing.assert_array_equal(exits.q_exit_step(gates, 0.9), [0, 1, 2])
+    np.testing.assert_array_equal(exits.q_exit_loop(gates, 0.9), [0, 1, 2])
 
 
-def test_select_step_gathers_per_token():
-    per_step = jnp.arange(3 * 2 * 4 * 5, dtype=jnp.float32).reshape(3, 2, 4, 5)  # [T, B, S, V]
-    step = jnp.array([[0, 1, 2, 1], [2, 2, 0, 0]])
-    picked = exits.select_step(per_step, step)
+def test_select_loop_gathers_per_token():
+    per_loop = jnp.arange(3 * 2 * 4 * 5, dtype=jnp.float32).reshape(3, 2, 4, 5)  # [T, B, S, V]
+    loop = jnp.array([[0, 1, 2, 1], [2, 2, 0, 0]])
+    picked = exits.select_loop(per_loop, loop)
     for b in range(2):
         for s in range(4):
-            np.testing.assert_array_equal(picked[b, s], per_step[step[b, s], b, s])
-    np.testing.assert_array_equal(exits.select_step(per_step, 1), per_step[1])
+            np.testing.assert_array_equal(picked[b, s], per_loop[loop[b, s], b, s])
+    np.testing.assert_array_equal(exits.select_loop(per_loop, 1), per_loop[1])
 
 
-def test_weighted_logits_entropy_and_expected_step():
+def test_select_loop_gathers_per_row_on_a_later_axis():
+    per_loop = jnp.arange(3 * 2 * 4 * 5, dtype=jnp.float32).reshape(3, 2, 4, 5)  # [T, N, B, H]
+    loop = jnp.array([2, 0, 1, 2])  # [B]
+    picked = exits.select_loop(per_loop, loop, axis=2)
+    assert picked.shape == (2, 4, 5)
+    for b in range(4):
+        np.testing.assert_array_equal(picked[:, b], per_loop[loop[b], :, b])
+
+
+def test_weighted_logits_entropy_and_expected_loop():
     logits = jnp.asarray(np.random.default_rng(1).normal(size=(4, 1, 1, 6)), jnp.float32)
     pdf = exits.exit_pdf(GATES[:, :, None])  # [4, 1, 1]
     mixed = exits.weighted_logits(logits, pdf)
@@ -88,5 +97,5 @@ def test_weighted_logits_entropy_and_expected_step():
     hand_entropy = -sum(p * np.log(p) for p in HAND_PDF)
     np.testing.assert_allclose(exits.exit_entropy(GATES)[0], hand_entropy, atol=1e-6)
     hand_mean = sum((t + 1) * p for t, p in enumerate(HAND_PDF))  # 2.24
-    np.testing.assert_allclose(exits.expected_exit_step(exits.exit_pdf(GATES))[0], hand_mean,
+    np.testing.assert_allclose(exits.expected_exit_loop(exits.exit_pdf(GATES))[0], hand_mean,
                                atol=1e-6)

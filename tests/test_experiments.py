@@ -98,13 +98,19 @@ def test_gate_comparison_at_equal_depth_by_hand():
     assert summary.accuracy_at_depth(curve, 3.5) == pytest.approx(0.95)
     assert summary.accuracy_at_depth(curve[1:], 2.0) is None
     better = [{**p, "accuracy": min(1.0, p["accuracy"] + 0.02)} for p in curve]
-    results = [fake("1x4", "ouro", 0, [0.3, 0.6, 0.9, 1.0], q_exit=curve),
-               fake("1x4", "stage2", 0, [0.3, 0.6, 0.9, 1.0], q_exit=better, setting="pairing=next")]
+    results = [fake("1x4", "ouro", 0, [0.3, 0.5, 0.9, 1.0], q_exit=curve),
+               fake("1x4", "stage2", 0, [0.3, 0.5, 0.9, 1.0], q_exit=better, setting="pairing=next")]
     section = summary.gate(results)
-    assert [r[1] for r in section["tables"][0]["rows"]] == ["Stage I gate", "Stage II gate (pairing=next)"]
-    assert section["tables"][0]["rows"][0][3:5] == ["45.0", "60.0"]  # depth 1.5, 2.0
-    assert section["checks"] == ["1x4 Stage II gate (pairing=next) minus Stage I gate at equal mean depth "
-                                 "(points): 1.5: +2.0, 2: +2.0, 2.5: +2.0, 3: +2.0, 3.5: +1.0"]
+    rows = section["tables"][0]["rows"]
+    assert [r[1] for r in rows] == ["Stage I gate", "Stage II gate (pairing=next)",
+                                    "static exit (all rows at loop t)"]
+    assert rows[0][3:5] == ["45.0", "60.0"] and rows[0][-1] == "90.0 (3.00)"  # depth 1.5, 2.0; q = 0.5
+    assert rows[2][3:8] == ["40.0", "50.0", "70.0", "90.0", "95.0"] and rows[2][-1] == "–"
+    assert section["checks"] == [
+        "1x4 Stage II gate (pairing=next) minus Stage I gate at equal mean depth (points): "
+        "1.5: +2.0, 2: +2.0, 2.5: +2.0, 3: +2.0, 3.5: +1.0",
+        "1x4 static exit (all rows at loop t) minus Stage I gate at equal mean depth (points): "
+        "1.5: -5.0, 2: -10.0, 2.5: -5.0, 3: +0.0, 3.5: +0.0"]
 
 
 # suite: a killed suite reruns only what is missing; figures against a direct recomputation ------------

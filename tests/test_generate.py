@@ -1,5 +1,5 @@
 """ouro_jax.inference: cached decoding is exact, exit policies, KV sharing, ragged batches, stopping,
-parity with the PyTorch export's `generate` and step skipping (the CLI: test_inference_cli.py)."""
+parity with the PyTorch export's `generate` and loop skipping (the CLI: test_inference_cli.py)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,11 +15,11 @@ from ouro_jax.model.ouro import Ouro
 
 ROWS = ([5, 17, 3], [9, 8, 7, 6, 5, 4, 3, 2], [40, 41, 42, 43, 44])
 NEW = 6
-Q = 0.3  # a Q-exit threshold at which the test model's tokens exit at steps 0, 1 and 2
+Q = 0.3  # a Q-exit threshold at which the test model's tokens exit after loops 1, 2 and 3
 
 
 def _model(**overrides) -> Ouro:
-    """A tiny Ouro whose exit gate is sharp enough that tokens exit at different steps."""
+    """A tiny Ouro whose exit gate is sharp enough that tokens exit at different loops."""
     model = Ouro(tiny(**overrides), rngs=nnx.Rngs(0))
     model.early_exit_gate.kernel[...] = model.early_exit_gate.kernel[...] * 12
     return model
@@ -42,7 +42,7 @@ def _forward(model, ids):
 
 
 def _full_forward(model, tokens) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every step's logits [M, T, V] and gate logits [M, T] for each generated token of each row of
+    """Every loop's logits [M, T, V] and gate logits [M, T] for each generated token of each row of
     ROWS, from one uncached forward over prompt + `tokens` [B, M] (the tokens fed back). Rows are
     right-padded to one length, which causal attention makes invisible to the real positions."""
     seqs = [list(row) + [int(t) for t in tokens[b]] for b, row in enumerate(ROWS)]
@@ -58,22 +58,22 @@ def _full_forward_logits(model, tokens) -> list[np.ndarray]:
     return [logits for logits, _ in _full_forward(model, tokens)]
 
 
-def test_cached_decoding_equals_full_forward_at_every_step(model, batch):
+def test_cached_decoding_equals_full_forward_at_every_loop(model, batch):
     ids, lengths = batch
-    out = generate(model, ids, NEW, prompt_lengths=lengths, output_step_logits=True)
-    assert (out.exit_steps == model.config.total_ut_steps - 1).all()
+    out = generate(model, ids, NEW, prompt_lengths=lengths, output_loop_logits=True)
+    assert (out.exit_loops == model.config.total_ut_steps).all()
     for b, reference in enumerate(_full_forward_logits(model, out.tokens)):
-        np.testing.assert_allclose(out.step_logits[b], reference, atol=1e-5, rtol=0)
-        # greedy: each token is the argmax of the last step given the prefix
+        np.testing.assert_allclose(out.loop_logits[b], reference, atol=1e-5, rtol=0)
+        # greedy: each token is the argmax of the last loop given the prefix
         np.testing.assert_array_equal(out.tokens[b], reference[:, -1].argmax(-1))
 
 
 def test_forced_tokens_score_a_given_continuation(model, batch):
     ids, lengths = batch
     forced = np.random.default_rng(0).integers(0, model.config.vocab_size, (len(ROWS), NEW))
-    out = generate(model, ids, NEW, prompt_lengths=lengths, forced_tokens=forced, output_step_logits=True)
+    out = generate(model, ids, NEW, prompt_lengths=lengths, forced_tokens=forced, output_loop_logits=True)
     for b, reference in enumerate(_full_forward_logits(model, forced)):
-        np.testing.assert_allclose(out.step_logits[b], reference, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(out.loop_logits[b], reference, atol=1e-5, rtol=0)
         np.testing.assert_array_equal(out.tokens[b], reference[:, -1].argmax(-1))
 
 
@@ -82,31 +82,31 @@ def test_exit_threshold_one_equals_full_depth(model, batch):
     full = generate(model, ids, NEW, prompt_lengths=lengths)
     q1 = generate(model, ids, NEW, prompt_lengths=lengths, exit_threshold=1.0)
     np.testing.assert_array_equal(q1.tokens, full.tokens)
-    np.testing.assert_array_equal(q1.exit_steps, full.exit_steps)
-    assert q1.stats.loop_steps == full.stats.loop_steps == full.stats.loop_steps_full
+    np.testing.assert_array_equal(q1.exit_loops, full.exit_loops)
+    assert q1.stats.loops_run == full.stats.loops_run == full.stats.loops_full_depth
 
 
 def test_q_exit_follows_the_gate_cdf(model, batch):
-    """The first two tokens see only exact K/V (the prompt's and their own), so their exit steps are
-    `exits.q_exit_step` of the gate logits of an uncached forward."""
+    """The first two tokens see only exact K/V (the prompt's and their own), so their exit loops are
+    `exits.q_exit_loop` (a 0-based loop index) of the gate logits of an uncached forward, plus 1."""
     ids, lengths = batch
     out = generate(model, ids, NEW, prompt_lengths=lengths, exit_threshold=Q)
     for b, (_, gates) in enumerate(_full_forward(model, out.tokens)):
-        expected = exits.q_exit_step(jnp.asarray(gates[:2].T), Q)
-        np.testing.assert_array_equal(out.exit_steps[b, :2], np.asarray(expected))
+        expected = exits.q_exit_loop(jnp.asarray(gates[:2].T), Q)
+        np.testing.assert_array_equal(out.exit_loops[b, :2], np.asarray(expected) + 1)
 
 
-@pytest.mark.parametrize("k", [0, 2])
-def test_exit_at_step_uses_step_k_and_computes_no_further(model, batch, k):
+@pytest.mark.parametrize("k", [1, 3])
+def test_exit_at_loop_uses_loop_k_and_computes_no_further(model, batch, k):
     ids, lengths = batch
-    out = generate(model, ids, NEW, prompt_lengths=lengths, exit_at_step=k, output_step_logits=True)
-    assert (out.exit_steps == k).all()
-    assert out.step_logits.shape[2] == k + 1  # steps after k do not exist
-    assert out.stats.loop_steps == (k + 1) * (NEW - 1)
+    out = generate(model, ids, NEW, prompt_lengths=lengths, exit_at_loop=k, output_loop_logits=True)
+    assert (out.exit_loops == k).all()
+    assert out.loop_logits.shape[2] == k  # loops after k do not exist
+    assert out.stats.loops_run == k * (NEW - 1)
     for b, reference in enumerate(_full_forward_logits(model, out.tokens)):
-        reference = reference[:, :k + 1]
-        np.testing.assert_allclose(out.step_logits[b], reference, atol=1e-5, rtol=0)
-        np.testing.assert_array_equal(out.tokens[b], reference[:, k].argmax(-1))
+        reference = reference[:, :k]
+        np.testing.assert_allclose(out.loop_logits[b], reference, atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(out.tokens[b], reference[:, k - 1].argmax(-1))
 
 
 def test_kv_sharing_stores_one_entry_per_layer_for_decoded_tokens(model, batch):
@@ -121,49 +121,49 @@ def test_kv_sharing_stores_one_entry_per_layer_for_decoded_tokens(model, batch):
         assert nbytes["decoded"] * t == none["decoded"]
         assert len(outs[sharing].cache.decode_k) == n and len(outs["none"].cache.decode_k) == t * n
     # The first decoded token sees the same prompt cache in every mode, so its shared entry is its
-    # K/V at its exit step ("last") or the mean over the steps it executed ("average").
-    exit_step = outs["none"].exit_steps[:, 1]
-    assert len(set(exit_step.tolist())) > 1  # rows exit at different steps
+    # K/V at its exit loop ("last") or the mean over the loops it ran ("average").
+    exit_index = outs["none"].exit_loops[:, 1] - 1  # 0-based loop index
+    assert len(set(exit_index.tolist())) > 1  # rows exit at different loops
     for layer in range(n):
-        per_step = np.stack([np.asarray(outs["none"].cache.decode_k[s * n + layer][:, :, 0])
+        per_loop = np.stack([np.asarray(outs["none"].cache.decode_k[s * n + layer][:, :, 0])
                              for s in range(t)])  # [T, B, K, H]
         last = np.asarray(outs["last"].cache.decode_k[layer][:, :, 0])
         average = np.asarray(outs["average"].cache.decode_k[layer][:, :, 0])
-        for b, e in enumerate(exit_step):
-            np.testing.assert_allclose(last[b], per_step[e, b], atol=1e-6)
-            np.testing.assert_allclose(average[b], per_step[:e + 1, b].mean(0), atol=1e-6)
-            # skipped steps hold a copy of the exit step's K/V
-            for skipped in per_step[e + 1:, b]:
-                np.testing.assert_array_equal(skipped, per_step[e, b])
+        for b, e in enumerate(exit_index):
+            np.testing.assert_allclose(last[b], per_loop[e, b], atol=1e-6)
+            np.testing.assert_allclose(average[b], per_loop[:e + 1, b].mean(0), atol=1e-6)
+            # skipped loops hold a copy of the exit loop's K/V
+            for skipped in per_loop[e + 1:, b]:
+                np.testing.assert_array_equal(skipped, per_loop[e, b])
 
 
-def test_kv_sharing_with_one_loop_step_equals_no_sharing(batch):
-    """With T = 1 the shared entry is the only step's K/V ("average" of one step is the same entry,
+def test_kv_sharing_with_one_loop_equals_no_sharing(batch):
+    """With T = 1 the shared entry is the only loop's K/V ("average" of one loop is the same entry,
     see the semantics test above)."""
     model = _model(total_ut_steps=1)
     ids, lengths = batch
-    none, last = (generate(model, ids, NEW, prompt_lengths=lengths, kv_sharing=s, output_step_logits=True)
+    none, last = (generate(model, ids, NEW, prompt_lengths=lengths, kv_sharing=s, output_loop_logits=True)
                   for s in ("none", "last"))
     np.testing.assert_array_equal(last.tokens, none.tokens)
-    np.testing.assert_allclose(last.step_logits, none.step_logits, atol=1e-6)
+    np.testing.assert_allclose(last.loop_logits, none.loop_logits, atol=1e-6)
     assert last.stats.cache_bytes == none.stats.cache_bytes
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(exit_threshold=Q),  # kv_sharing "none": skipped steps' slots hold copies of the exit step's K/V
+    dict(exit_threshold=Q),  # kv_sharing "none": skipped loops' slots hold copies of the exit loop's K/V
     dict(exit_threshold=Q, kv_sharing="last"),
     dict(temperature=0.8, top_k=20, top_p=0.9, seed=7, exit_policy="hidden_delta", hidden_delta_eps=0.9,
          kv_sharing="average"),
 ])
 def test_ragged_batch_equals_each_row_alone(model, batch, kwargs):
-    """Also: rows that exit early keep their exit-step state, exactly as when generated alone."""
+    """Also: rows that exit early keep their exit-loop state, exactly as when generated alone."""
     ids, lengths = batch
     out = generate(model, ids, NEW, prompt_lengths=lengths, **kwargs)
-    assert len(set(out.exit_steps.ravel().tolist())) > 1  # rows really exit early, unevenly
+    assert len(set(out.exit_loops.ravel().tolist())) > 1  # rows really exit early, unevenly
     for b in (0, 2):  # the shortest and a middle-length row
         alone = generate(model, np.asarray([ROWS[b]]), NEW, **kwargs)
         np.testing.assert_array_equal(out.tokens[b], alone.tokens[0])
-        np.testing.assert_array_equal(out.exit_steps[b], alone.exit_steps[0])
+        np.testing.assert_array_equal(out.exit_loops[b], alone.exit_loops[0])
 
 
 def test_sampling_depends_on_seed_and_reproduces(model, batch):
@@ -188,7 +188,7 @@ def test_stop_tokens_stop_rows_independently(model, batch):
         stopped += length < NEW
         assert out.lengths[b] == length
         np.testing.assert_array_equal(out.tokens[b, :length], free[b, :length])
-        assert (out.tokens[b, length:] == 0).all() and (out.exit_steps[b, length:] == -1).all()
+        assert (out.tokens[b, length:] == 0).all() and (out.exit_loops[b, length:] == 0).all()
     assert 0 < stopped  # at least row 0 stopped early ...
     assert (out.lengths == NEW).any() or stopped == len(ROWS)  # ... while others may run on
 
@@ -201,27 +201,28 @@ def test_decode_stops_when_all_rows_are_done(model):
     length = int(np.flatnonzero(free == stop)[0]) + 1
     assert out.lengths[0] == length < NEW
     # the decode loop ran only for the tokens before the stop token
-    assert out.stats.loop_steps == (length - 1) * model.config.total_ut_steps
+    assert out.stats.loops_run == (length - 1) * model.config.total_ut_steps
 
 
-def test_early_exit_skips_loop_steps(model, batch):
+def test_early_exit_skips_loops(model, batch):
     ids, lengths = batch
     out = generate(model, ids, NEW, prompt_lengths=lengths, exit_threshold=Q)
     full = generate(model, ids, NEW, prompt_lengths=lengths)
-    assert out.stats.loop_steps < full.stats.loop_steps == full.stats.loop_steps_full
+    assert out.stats.loops_run < full.stats.loops_run == full.stats.loops_full_depth
     # a decode iteration runs until the deepest row of the batch has exited
-    assert out.stats.loop_steps == int((out.exit_steps[:, 1:].max(0) + 1).sum())
-    assert out.stats.mean_depth == pytest.approx(out.exit_steps.mean() + 1)
+    assert out.stats.loops_run == int(out.exit_loops[:, 1:].max(0).sum())
+    assert out.stats.mean_depth == pytest.approx(out.exit_loops.mean())
     alone = generate(model, np.asarray([ROWS[0]]), NEW, exit_threshold=Q, kv_sharing="last")
-    assert alone.stats.loop_steps == int((alone.exit_steps[0, 1:] + 1).sum()) < alone.stats.loop_steps_full
+    assert alone.stats.loops_run == int(alone.exit_loops[0, 1:].sum()) < alone.stats.loops_full_depth
 
 
-@pytest.mark.parametrize("exit_kwargs", [{}, {"exit_at_step": 1}])
-def test_greedy_matches_pytorch_export_generate(model, batch, exit_kwargs):
+# the PyTorch export's `exit_at_step` is the released code's 0-based loop index
+@pytest.mark.parametrize("torch_kwargs, exit_kwargs", [({}, {}), ({"exit_at_step": 1}, {"exit_at_loop": 2})])
+def test_greedy_matches_pytorch_export_generate(model, batch, torch_kwargs, exit_kwargs):
     ids, lengths = batch
     torch_model = to_torch(model)
     mask = torch.tensor((np.arange(ids.shape[1])[None] >= (ids.shape[1] - lengths)[:, None]).astype(np.int64))
-    gen = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0, **exit_kwargs)
+    gen = dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, pad_token_id=0, **torch_kwargs)
     with torch.no_grad():
         batched = torch_model.generate(torch.tensor(ids, dtype=torch.long), attention_mask=mask, **gen)
         singles = [torch_model.generate(torch.tensor([row]), **gen)[0, len(row):] for row in ROWS]
@@ -233,8 +234,9 @@ def test_greedy_matches_pytorch_export_generate(model, batch, exit_kwargs):
 
 def test_invalid_arguments_raise(model, batch):
     ids, lengths = batch
-    for kwargs in (dict(exit_threshold=1.5), dict(exit_at_step=4), dict(kv_sharing="first"),
-                   dict(exit_at_step=1, exit_threshold=0.5), dict(top_p=0.0, temperature=1.0),
+    for kwargs in (dict(exit_threshold=1.5), dict(exit_at_loop=5), dict(exit_at_loop=0),
+                   dict(kv_sharing="first"), dict(exit_at_loop=2, exit_threshold=0.5),
+                   dict(top_p=0.0, temperature=1.0),
                    dict(prompt_lengths=[0, 1, 2]), dict(exit_policy="entropy")):
         with pytest.raises(ValueError):
             generate(model, ids, NEW, **{"prompt_lengths": lengths, **kwargs})

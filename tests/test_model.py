@@ -11,6 +11,7 @@ from flax import nnx
 
 from ouro_jax import Ouro, num_params
 from ouro_jax.model import config as cfgs
+from ouro_jax.model.layers import rope_cos_sin
 
 import oracle
 from util import hf_state_dict, unrolled_forward
@@ -50,7 +51,7 @@ def test_matches_float64_oracle(overrides):
     np.testing.assert_allclose(out.logits, ref_logits, atol=1e-5, rtol=0)
     np.testing.assert_allclose(out.gate_logits, ref_gates, atol=1e-5, rtol=0)
     np.testing.assert_allclose(out.exit_pdf, oracle.exit_pdf(ref_gates), atol=1e-6, rtol=0)
-    # the loop really changes the state: steps differ from each other
+    # the loop really changes the state: loops differ from each other
     assert np.abs(ref_logits[0] - ref_logits[-1]).max() > 1e-2
 
 
@@ -95,26 +96,45 @@ def test_causal():
     assert np.abs(a.logits[:, :, 6:] - b.logits[:, :, 6:]).max() > 1e-3
 
 
-def test_one_step_is_a_plain_transformer_and_scan_equals_unrolled_loop():
+def test_one_loop_is_a_plain_transformer_and_scan_equals_unrolled_loop():
     model = _randomise_norms_and_gate(_model(num_hidden_layers=3))
     ids = _ids()
-    for steps in (1, 4):
-        out = model(ids, num_steps=steps)
-        logits, gates = unrolled_forward(model, ids, steps)
-        assert out.logits.shape[0] == steps
+    for loops in (1, 4):
+        out = model(ids, num_loops=loops)
+        logits, gates = unrolled_forward(model, ids, loops)
+        assert out.logits.shape[0] == loops
         np.testing.assert_allclose(out.logits, logits, atol=1e-5, rtol=0)
         np.testing.assert_allclose(out.gate_logits, gates, atol=1e-5, rtol=0)
 
 
-def test_num_steps_override_prefix_consistent():
-    """Running 2 steps gives the first 2 steps of a 4-step run (steps are causal in depth)."""
+def test_fused_layer_equals_the_layer():
+    """`DecoderLayer.fuse` (one q/k/v and one gate/up matmul, as decoding runs it) gives the same output
+    and k, v as the layer's separate projections, and adds no parameter."""
+    model = _randomise_norms_and_gate(_model())
+    layer, fused = model.unstacked_layers()[1], _model().unstacked_layers()[1]
+    nnx.update(fused, nnx.state(layer))
+    params = jax.tree.structure(nnx.state(fused, nnx.Param))
+    fused.fuse()
+    assert jax.tree.structure(nnx.state(fused, nnx.Param)) == params
+    x = jax.random.normal(jax.random.key(2), (2, 5, model.config.hidden_size))
+    positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    cos, sin = rope_cos_sin(positions, model.config.head_dim, model.config.rope_theta, jnp.float32)
+    (y, (k, v)), (y_fused, (k_fused, v_fused)) = layer.with_kv(x, cos, sin), fused.with_kv(x, cos, sin)
+    assert k.shape == v.shape == (2, 5, model.config.num_key_value_heads, model.config.head_dim)
+    for ours, theirs in ((y_fused, y), (k_fused, k), (v_fused, v)):
+        np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(fused(x, cos, sin), y_fused)
+
+
+def test_num_loops_override_prefix_consistent():
+    """Running 2 loops gives the first 2 loops of a 4-loop run (loops are causal in depth)."""
     model = _model()
     ids = _ids()
-    four, two = model(ids), model(ids, num_steps=2)
+    four, two = model(ids), model(ids, num_loops=2)
     np.testing.assert_allclose(two.logits, four.logits[:2], atol=1e-6)
 
 
-def test_parameter_count_independent_of_steps():
+def test_parameter_count_independent_of_loops():
     counts = {num_params(_model(total_ut_steps=t)) for t in (1, 2, 4, 8)}
     assert len(counts) == 1
 
@@ -130,7 +150,7 @@ def _expected_params(c):
 @pytest.mark.parametrize("preset, expected", [
     ("ouro_1p4b", 1_434_652_673), ("ouro_2p6b", 2_667_974_657)])
 def test_released_parameter_counts(preset, expected):
-    """Counts from the released safetensors byte sizes (ouro_spec.md §4), built abstractly."""
+    """Counts from the released checkpoints' safetensors byte sizes, built abstractly."""
     cfg = cfgs.PRESETS[preset]()
     abstract = nnx.eval_shape(lambda: Ouro(cfg, rngs=nnx.Rngs(0)))
     assert num_params(abstract) == expected == _expected_params(cfg)

@@ -91,15 +91,17 @@ def test_loss_decreases_and_metrics_are_complete(tmp_path_factory):
 
     tb_dir = os.path.join(workdir, "tensorboard")
     data = open(os.path.join(tb_dir, os.listdir(tb_dir)[0]), "rb").read()
-    losses, pos = {}, 0
+    losses, tags, pos = {}, set(), 0
     while pos < len(data):  # TFRecord framing: u64 length, u32 crc, payload, u32 crc
         length = int.from_bytes(data[pos:pos + 8], "little")
         event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
         pos += 16 + length
         for value in event.summary.value:
+            tags.add(value.tag)
             if value.tag == "loss":
                 losses[event.step] = value.simple_value
     assert losses[40] == pytest.approx(recs[-1]["loss"], rel=1e-6)
+    assert {"eval/per_loop", "eval/exit_histogram", "eval_answer_accuracy_loop_2"} <= tags  # plots too
 
 
 def test_same_seed_gives_identical_metrics_and_rerun_is_a_no_op(tmp_path_factory, tmp_path):

@@ -25,7 +25,7 @@ import dataclasses
 from ouro_jax.model.config import OuroConfig
 
 # Attention kernels that skip the masked upper triangle (their executed attention is the causal count).
-CAUSAL_KERNELS = ("cudnn",)
+CAUSAL_KERNELS = ("cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """`python -m ouro_jax.evaluate --model=PATH [--data=...] --output_dir=DIR [--extra_loops=K]`
 
 Evaluates a looped model loop by loop (arXiv:2510.25741 §5.4.1): for loops 1..T (and T+1..T+K with
---extra_loops=K) the cross-entropy, perplexity, next-token accuracy and, on the synthetic tasks, answer
+--extra_loops=K) the cross-entropy, perplexity, token accuracy and, on the synthetic tasks, answer
 accuracy; the gate's exit distribution; and for Q-exit over a grid of q, static exits and the hidden-state
 rules (absolute and relative) the accuracy / CE and mean depth. Prints one markdown table and writes
 DIR/metrics.json and DIR/{accuracy_vs_depth,exit_histogram,per_loop}.png.
@@ -44,7 +44,7 @@ _Q = flags.DEFINE_list("q", None, "Q-exit thresholds in [0, 1] (default 0.05,0.1
 _HIDDEN_ABS = flags.DEFINE_list("hidden_abs_eps", None, "Thresholds of ||h_t - h_t-1||_2 (default: the "
                                 "relative grid times sqrt(hidden_size)).")
 _HIDDEN_REL = flags.DEFINE_list("hidden_rel_eps", None, "Thresholds of ||h_t - h_t-1|| / ||h_t-1|| "
-                                "(default 0.005,0.01,0.02,0.05,0.1,0.2,0.3,0.5).")
+                                "(default 0.01,0.02,0.05,0.1,...,0.8,1.0).")
 flags.mark_flags_as_required(["model", "output_dir"])
 
 

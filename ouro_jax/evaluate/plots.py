@@ -55,7 +55,7 @@ def per_loop_figure(metrics: Mapping[str, Any], *, trained_loops: int | None = N
     ax_ce.set(xlabel="loop", ylabel="cross-entropy (nats / token)", title="Cross-entropy after each loop",
               xticks=loops)
     accuracy = 100 * np.asarray(metrics["accuracy_per_loop"], float)
-    ax_acc.plot(loops, accuracy, "o-", label="next-token accuracy")
+    ax_acc.plot(loops, accuracy, "o-", label="token accuracy (every scored target)")
     answers = metrics.get("answer_accuracy_per_loop")
     if answers is not None:
         ax_acc.plot(loops, 100 * np.asarray(answers, float), "s-", label="answer accuracy")
@@ -101,7 +101,7 @@ def loop_figures(metrics: Mapping[str, Any], *, trained_loops: int | None = None
 
 def accuracy_vs_depth_figure(result: Mapping[str, Any], *, title: str = "") -> Figure:
     """Accuracy against mean depth (loops per token), one curve per exit rule (Fig. 5 of the paper).
-    Answer accuracy over the answers when the data has answers, else next-token accuracy."""
+    Answer accuracy over the answers when the data has answers, else token accuracy."""
     answers = result["answer_accuracy_per_loop"] is not None
     accuracy, depth = ("answer_accuracy", "answer_mean_depth") if answers else ("accuracy", "mean_depth")
     fig = Figure(figsize=(7, 4.5), layout="constrained")
@@ -119,7 +119,7 @@ def accuracy_vs_depth_figure(result: Mapping[str, Any], *, title: str = "") -> F
                 ax.annotate(f"{int(r['threshold'])}", (xi, yi), textcoords="offset points", xytext=(4, -10),
                             fontsize=8)
     ax.set(xlabel="mean depth (loops per token)",
-           ylabel=("answer" if answers else "next-token") + " accuracy (%)",
+           ylabel=("answer" if answers else "token") + " accuracy (%)",
            title=_title("Accuracy against compute, per exit rule", title))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")

@@ -26,7 +26,7 @@ from ouro_jax.model import exits
 
 KINDS = ("q_exit", "static", "hidden_abs", "hidden_rel")
 DEFAULT_Q = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
-DEFAULT_REL = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+DEFAULT_REL = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)  # small to large models
 
 
 @dataclasses.dataclass(frozen=True)

@@ -90,10 +90,14 @@ def main(argv):
     name = f"{_TASK.value}/{_STUDY.value}"
 
     def write_section(results: dict) -> dict:  # after every finished run, so a partial suite has a report
-        done = [results[r.key] for r in runs if r.key in results]
+        # a run shared by two studies (beta = 0.1 is also the compare run) is labelled by this one
+        done = [{**results[r.key], "setting": r.setting} for r in runs if r.key in results]
         section = summary.STUDIES[_STUDY.value](done)
         section.update(command="python -m ouro_jax.experiments " + shlex.join(sys.argv[1:]),
-                       wall_s=time.perf_counter() - start, runs_trained=len(done) - cached,
+                       wall_s=sum(r["train_wall_s"] + r["measure_wall_s"] for r in done),
+                       cpu_s=sum(r["train_cpu_s"] for r in done if "train_cpu_s" in r),
+                       cpu_runs=sum("train_cpu_s" in r for r in done),
+                       invocation_s=time.perf_counter() - start, runs_trained=len(done) - cached,
                        runs_cached=cached, runs_missing=len(runs) - len(done),
                        settings={"task": _TASK.value, "steps": _STEPS.value, "seeds": seeds,
                                  "data": task_cfg.data[_TASK.value].to_dict(),

@@ -47,10 +47,12 @@ class Run:
 
     @property
     def key(self) -> str:
-        """Directory name: the label plus a hash of the whole config (and the parent's key), so changed
-        settings never reuse a finished run."""
+        """Directory name: task, model, objective, seed and a hash of the whole config (and the parent's
+        key). Changed settings never reuse a finished run; the same config in two studies (beta = 0.1 in
+        the beta study and in compare) is one run."""
         text = self.config.to_json_best_effort(sort_keys=True) + (self.parent.key if self.parent else "")
-        return f"{self.label}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+        digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+        return f"{self.task}_{self.model}_{self.objective}_s{self.seed}-{digest}"
 
 
 def parse_model(name: str) -> tuple[int, int]:

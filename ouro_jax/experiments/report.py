@@ -25,10 +25,15 @@ def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
 
 def section_markdown(name: str, section: dict) -> str:
     task, study = name.split("/")
+    finished = section["runs_trained"] + section["runs_cached"]
+    cpu_runs = section.get("cpu_runs", 0)
     parts = [f"## {task}: {TITLES[study]}", "", f"Command: `{section['command']}`  ",
-             f"Wall time: {section['wall_s']:.0f} s for the runs trained by that command "
+             f"Wall time: {section['wall_s']:.0f} s summed over its runs (training + measuring; training "
+             f"CPU {section.get('cpu_s', 0):.0f} s"
+             + ("" if cpu_runs == finished else f" over {cpu_runs} of {finished} runs")
+             + f"); this invocation {section.get('invocation_s', section['wall_s']):.0f} s "
              f"({section['runs_trained']} trained, {section['runs_cached']} cached"
-             + (f", {section['runs_missing']} not yet run" if section["runs_missing"] else "") + ").  ",
+             + (f", {section['runs_missing']} not yet run" if section.get("runs_missing") else "") + ").  ",
              f"Plot: `{section['png']}`", ""]
     for table in section["tables"]:
         parts += [markdown_table(table["columns"], table["rows"]), ""]
@@ -45,7 +50,9 @@ def _plot(ax, name: str, section: dict) -> None:
             depth = np.mean([[p["mean_depth"] for p in c] for c in curves], axis=0)
             acc = np.mean([[p["accuracy"] for p in c] for c in curves], axis=0)
             order = np.argsort(depth)
-            ax.plot(depth[order], 100 * acc[order], marker="o", color=f"C{i}", label=label)
+            static = "static" in label
+            ax.plot(depth[order], 100 * acc[order], marker="s" if static else "o",
+                    linestyle="--" if static else "-", color="gray" if static else f"C{i}", label=label)
         ax.set_xlabel("mean exit depth (loops), Q-exit over q")
         ax.set_ylabel("answer accuracy (%)")
         ax.set_ylim(0, 102)

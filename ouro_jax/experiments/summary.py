@@ -137,7 +137,7 @@ def beta(results: list[dict]) -> dict:
     """Entropy weight ablation: the exit distribution per loop and accuracy per beta."""
     groups = _group(results, lambda r: (r["model"], r["setting"]))
     loops = max(len(r["answer_accuracy"]) for r in results)
-    columns = ["model", "setting", "seeds", *(f"p(exit) loop {t}" for t in range(1, loops + 1)),
+    columns = ["model", "setting", "seeds", *(f"p(exit) % loop {t}" for t in range(1, loops + 1)),
                "mean exit loop", "entropy", "acc last loop", "deeper is better"]
     rows, data = [], {}
     for (model, setting), runs in sorted(groups.items(), key=lambda kv: (_model_order(kv[0][0]), kv[0][1])):
@@ -168,11 +168,17 @@ def accuracy_at_depth(curve: list[dict], depth: float) -> float | None:
 
 
 def _gate_name(r: dict) -> str:
-    return "Stage I gate" if r["objective"] == "ouro" else f"Stage II gate ({r['setting']})"
+    return {"ouro": "Stage I gate", "static": "static exit (all rows at loop t)"}.get(
+        r["objective"], f"Stage II gate ({r['setting']})")
 
 
 def gate(results: list[dict]) -> dict:
-    """Stage II vs Stage I exit gate: Q-exit answer accuracy at equal mean depth (paper Fig. 5)."""
+    """Stage II vs Stage I exit gate: Q-exit answer accuracy at equal mean depth (paper Fig. 5), with the
+    static exit of the Stage I model (every row stops at loop t: accuracy at depth t) as the floor."""
+    static = [{**r, "objective": "static", "q_exit": [{"q": None, "mean_depth": t + 1.0, "accuracy": a}
+                                                       for t, a in enumerate(r["answer_accuracy"])]}
+              for r in results if r["objective"] == "ouro"]
+    results = results + static
     groups = _group(results, lambda r: (r["model"], _gate_name(r)))
     columns = ["model", "gate", "seeds", *(f"acc @ depth {d:g}" for d in DEPTHS), "acc @ q=0.5 (depth)"]
     rows, data = [], {}
@@ -181,9 +187,9 @@ def gate(results: list[dict]) -> dict:
         for depth in DEPTHS:
             values = [accuracy_at_depth(r["q_exit"], depth) for r in runs]
             cells.append("–" if any(v is None for v in values) else _mean_sd(values))
-        half = [next(p for p in r["q_exit"] if p["q"] == 0.5) for r in runs]
+        half = [p for r in runs for p in r["q_exit"] if p["q"] == 0.5]
         cells.append(f"{_pct(np.mean([p['accuracy'] for p in half]))} "
-                     f"({np.mean([p['mean_depth'] for p in half]):.2f})")
+                     f"({np.mean([p['mean_depth'] for p in half]):.2f})" if half else "–")
         rows.append([model, name, str(len(runs)), *cells])
         data[f"{model}/{name}"] = {"q_exit": _seed_table(runs, "q_exit"),
                                    "answer_accuracy": _seed_table(runs)}

@@ -4,7 +4,7 @@
   left_pad(rows, pad_id) -> (input_ids, prompt_lengths)
   KVCache, SHARING                                                     (ouro_jax.inference.cache)
   ExitPolicy                                                           (ouro_jax.inference.policies)
-CLI: `python -m ouro_jax.generate`; benchmark: `python -m ouro_jax.inference.benchmark`.
+CLI: `python -m ouro_jax.inference`; benchmark: `python -m ouro_jax.benchmarks --bench=decode`.
 """
 
 from ouro_jax.inference.cache import SHARING, KVCache

@@ -37,5 +37,5 @@ def sample(logits: jax.Array, keys: jax.Array, index: jax.Array, *, greedy: bool
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
         cutoff = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, index)
-    return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
+    token_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, index)
+    return jax.vmap(jax.random.categorical)(token_keys, logits).astype(jnp.int32)

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 DTYPES = ("float32", "bfloat16", "float16")
 # Activation-checkpointing policies applied to each decoder layer (see `layers.remat_policy`).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv", "save_qkv_context")
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+# "splash": the TPU Pallas kernel for training and evaluation (no S x S scores; see layers.splash_attention)
+ATTENTION_IMPLS = ("xla", "cudnn", "auto", "splash")
 
 # config.json keys ouro_jax writes and reads; the rest of config.json (architectures, auto_map, …) is
 # written by the exporter and ignored on import.

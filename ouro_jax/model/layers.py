@@ -3,11 +3,15 @@
 The one layer used by training, evaluation and decoding: attention takes a pluggable `attend(q, k, v)`
 (`Attend`): `masked_attention` over the tokens' own sequence (training, evaluation, prefill) or decoding's
 attention over a KV cache, and `DecoderLayer.with_kv` also returns the layer's k, v for that cache.
+`DecoderLayer.fuse` merges the q/k/v and the gate/up matmuls into one each, for callers that apply fixed
+weights many times (decoding); the parameters keep the released q/k/v/gate/up split.
 
 Shapes: B batch, S sequence, D hidden (embed), N query heads, K key/value heads, H head_dim, F mlp.
 Every parameter carries logical axis names in its `out_sharding` metadata, from the vocabulary
 `vocab, embed, heads, kv_heads, kv (per-head features), mlp, layers`; `ouro_jax.sharding` maps them to
 mesh axes. Parameters are created unsharded (`eager_sharding=False`) so a model can be built anywhere.
+Activations are constrained to logical axes (`batch` for rows) with `sharding.constrain`, which acts
+only while a mesh is current (the trainer's jitted steps) and is the identity otherwise.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from ouro_jax.model.config import OuroConfig
+from ouro_jax.sharding import constrain, per_shard
+
+ROWS = ("batch", None, None)  # [B, S, D] activations: rows split over the batch mesh axes
 
 
 def param_init(config: OuroConfig, names: tuple[str | None, ...]):
@@ -80,10 +87,59 @@ Attend = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 def masked_attention(config: OuroConfig, mask: jax.Array | None = None) -> Attend:
     """`Attend` over the tokens' own sequence: `jax.nn.dot_product_attention` under `mask`
-    [B, 1, S, S] bool (None: causal), with the kernel `config.attention_impl`."""
-    return functools.partial(
-        jax.nn.dot_product_attention, mask=mask, is_causal=mask is None, scale=config.head_dim ** -0.5,
-        implementation=None if config.attention_impl == "auto" else config.attention_impl)
+    [B, 1, S, S] bool (None: causal), with the kernel `config.attention_impl` ("splash", which needs
+    segment ids instead of a mask, uses "xla" here: generation's prefill under a left-padding mask)."""
+    impl = {"auto": None, "splash": "xla"}.get(config.attention_impl, config.attention_impl)
+    return functools.partial(jax.nn.dot_product_attention, mask=mask, is_causal=mask is None,
+                             scale=config.head_dim ** -0.5, implementation=impl)
+
+
+def splash_attention(config: OuroConfig, segment_ids: jax.Array | None, *, interpret: bool = False) -> Attend:
+    """`Attend` over the tokens' own sequence with the TPU Pallas splash kernel: causal attention
+    within equal `segment_ids` [B, S] (None: one document per row), computed in blocks with the fully
+    masked ones skipped, so no [B, N, S, S] scores exist in the forward or backward pass (the
+    paper's 4K-64K contexts, arXiv:2510.25741 §4.1, need this). The kernel runs on TPU (`interpret=True`:
+    Pallas' interpreter, any backend); on a mesh each device runs it on its rows (`sharding.per_shard`).
+    Its softmax statistics are named "context" for the remat policies. S must be a multiple of 128.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    block_fields = ("block_q", "block_kv", "block_kv_compute", "block_q_dkv", "block_kv_dkv",
+                    "block_kv_dkv_compute", "block_q_dq", "block_kv_dq")
+
+    def local(q, k, v, segments):  # this device's rows: q [b, S, n, H], k, v [b, S, k, H], segments [b, S]
+        seq, heads = q.shape[1], q.shape[2]
+        block = next((size for size in (512, 256, 128) if seq % size == 0), None)
+        if block is None:
+            raise ValueError(f"attention_impl='splash' needs a sequence length that is a multiple of 128, "
+                             f"got {seq}")
+        kernel = splash.make_splash_mha(
+            masks.MultiHeadMask([masks.CausalMask((seq, seq))] * heads),
+            block_sizes=splash.BlockSizes(**dict.fromkeys(block_fields, block)),
+            head_shards=1, q_seq_shards=1, residual_checkpoint_name="context", interpret=interpret)
+        row = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s))
+        heads_first = lambda x: x.swapaxes(1, 2)
+        q = q * config.head_dim ** -0.5
+        return heads_first(jax.vmap(row)(heads_first(q), heads_first(k), heads_first(v), segments))
+
+    run = per_shard(local, [("batch", None, "heads", None), ("batch", None, "kv_heads", None),
+                            ("batch", None, "kv_heads", None), ("batch", None)])
+
+    def attend(q, k, v):
+        segments = segment_ids if segment_ids is not None else jnp.ones(q.shape[:2], jnp.int32)
+        return run(q, k, v, segments.astype(jnp.int32))
+
+    return attend
+
+
+def sequence_attention(config: OuroConfig, segment_ids: jax.Array | None) -> Attend:
+    """The `Attend` of training and evaluation: causal within equal `segment_ids` [B, S] (None: one
+    document per row), with `config.attention_impl` (the splash kernel, or `masked_attention`)."""
+    if config.attention_impl == "splash":
+        return splash_attention(config, segment_ids)
+    mask = attention_mask(segment_ids)
+    return masked_attention(config, None if mask is None else constrain(mask, ("batch", None, None, None)))
 
 
 class Attention(nnx.Module):
@@ -127,11 +183,13 @@ class Attention(nnx.Module):
             n, kv = self.q_proj.kernel.shape[1], self.k_proj.kernel.shape[1]
             q, k, v = jnp.split(jnp.einsum("md,dnh->mnh", tokens, self.qkv_kernel), [n, n + kv], axis=1)
         q, k, v = (y.reshape(b, s, *y.shape[1:]) for y in (q, k, v))
-        q = checkpoint_name(apply_rope(q, cos, sin), "query_proj")
-        k = checkpoint_name(apply_rope(k, cos, sin), "key_proj")
-        v = checkpoint_name(v, "value_proj")
+        heads = ("batch", None, "heads", None)
+        kv_heads = ("batch", None, "kv_heads", None)
+        q = checkpoint_name(constrain(apply_rope(q, cos, sin), heads), "query_proj")
+        k = checkpoint_name(constrain(apply_rope(k, cos, sin), kv_heads), "key_proj")
+        v = checkpoint_name(constrain(v, kv_heads), "value_proj")
         attend = masked_attention(self.config) if attend is None else attend
-        context = checkpoint_name(attend(q, k, v), "context").reshape(b * s, *q.shape[2:])
+        context = checkpoint_name(constrain(attend(q, k, v), heads), "context").reshape(b * s, *q.shape[2:])
         return self.o_proj(context).reshape(b, s, d), (k, v)
 
 
@@ -160,8 +218,9 @@ class MLP(nnx.Module):
             gate, up = self.gate_proj(tokens), self.up_proj(tokens)
         else:
             gate, up = jnp.split(tokens @ self.gate_up_kernel, 2, axis=-1)
-        hidden = jax.nn.silu(checkpoint_name(gate, "mlp_gate")) * checkpoint_name(up, "mlp_up")
-        return self.down_proj(hidden).reshape(x.shape)
+        gate = constrain(checkpoint_name(gate, "mlp_gate"), ("batch", "mlp"))
+        up = constrain(checkpoint_name(up, "mlp_up"), ("batch", "mlp"))
+        return constrain(self.down_proj(jax.nn.silu(gate) * up).reshape(x.shape), ROWS)
 
 
 class DecoderLayer(nnx.Module):
@@ -189,9 +248,11 @@ class DecoderLayer(nnx.Module):
 
     def with_kv(self, x, cos, sin, attend: Attend | None = None):
         """As `__call__`, also returning the layer's (k, v) [B, S, K, H] (after RoPE) for a KV cache."""
+        x = constrain(x, ROWS)
         attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, attend)
-        x = x + self.input_layernorm_2(attn)
-        return x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x))), kv
+        x = constrain(x + self.input_layernorm_2(constrain(attn, ROWS)), ROWS)
+        return constrain(x + self.post_attention_layernorm_2(self.mlp(self.post_attention_layernorm(x))),
+                         ROWS), kv
 
 
 def remat_policy(name: str):

@@ -23,12 +23,12 @@ from ouro_jax.model.layers import (
     Attend,
     DecoderLayer,
     RMSNorm,
-    attention_mask,
-    masked_attention,
     param_init,
     remat_policy,
     rope_cos_sin,
+    sequence_attention,
 )
+from ouro_jax.sharding import constrain
 
 
 @struct.dataclass
@@ -80,8 +80,10 @@ class Ouro(nnx.Module):
         """LM head on a normed state. hidden [B, S, D] -> logits [B, S, V] float32."""
         if self.config.tie_word_embeddings:
             table = self.embed_tokens.embedding[...].astype(hidden.dtype)
-            return jnp.einsum("bsd,vd->bsv", hidden, table, preferred_element_type=jnp.float32)
-        return self.lm_head(hidden).astype(jnp.float32)
+            logits = jnp.einsum("bsd,vd->bsv", hidden, table, preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(hidden).astype(jnp.float32)
+        return constrain(logits, ("batch", None, "vocab"))
 
     def gate_logit(self, hidden: jax.Array) -> jax.Array:
         """Exit gate on a normed state. hidden [B, S, D] -> [B, S] float32 (pre-sigmoid)."""
@@ -90,7 +92,8 @@ class Ouro(nnx.Module):
     # --- the loop ------------------------------------------------------------------------------
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """input_ids [B, S] int -> [B, S, D] in the compute dtype (no sqrt(D) scaling)."""
-        return self.embed_tokens(input_ids).astype(self.config.compute_jnp_dtype)
+        return constrain(self.embed_tokens(input_ids).astype(self.config.compute_jnp_dtype),
+                         ("batch", None, None))
 
     def apply_layers(self, hidden, cos, sin, attend: Attend | None = None) -> jax.Array:
         """One pass through the N stacked layers (a scan, or unrolled; optional remat per layer).
@@ -149,13 +152,14 @@ class Ouro(nnx.Module):
         num_loops = cfg.total_ut_steps if num_loops is None else num_loops
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.compute_jnp_dtype)
-        attend = masked_attention(cfg, attention_mask(segment_ids))
+        cos, sin = (constrain(x, ("batch", None, None, None))
+                    for x in rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.compute_jnp_dtype))
+        attend = sequence_attention(cfg, segment_ids)
         if remat_readout:
             readout = jax.checkpoint(readout, prevent_cse=False)
 
         def one_loop(hidden, _):
-            hidden = self.norm(self.apply_layers(hidden, cos, sin, attend))
+            hidden = constrain(self.norm(self.apply_layers(hidden, cos, sin, attend)), ("batch", None, None))
             gate_in = jax.lax.stop_gradient(hidden) if detach_gate_input else hidden
             return hidden, (readout(hidden), self.gate_logit(gate_in))
 

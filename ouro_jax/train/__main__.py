@@ -1,5 +1,9 @@
 """`python -m ouro_jax.train --config=configs/NAME.py[:variant] --workdir=DIR [--config.key=value ...]`.
 
+Several processes (hosts): start the same command once per host; `ouro_jax.distributed` detects SLURM,
+Open MPI and TPU slices, or takes `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`.
+Only process 0 prints and writes metrics; every process saves its own checkpoint shards.
+
 Exit status: 0 finished; 1 refused or failed (one line `error: ...`: bad config, workdir in use or
 holding another run, non-finite loss); 75 (EX_TEMPFAIL) stopped by SIGTERM / SIGINT after saving a
 checkpoint: rerun the same command to resume.
@@ -10,7 +14,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from ouro_jax import cli
+from ouro_jax import cli, distributed
 
 PREEMPTED = 75
 """Exit status after a signal-triggered save: the run is incomplete and resumes when rerun."""
@@ -27,17 +31,23 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    distributed.initialize_from_flags()  # before anything touches a device
+    import jax
+
     from ouro_jax.train import loop, metrics  # after flag parsing, so --help stays fast
 
+    primary = jax.process_index() == 0
     try:
         loop.train(_CONFIG.value, _WORKDIR.value, allow_config_change=_CONFIG_CHANGE.value == "allow")
     except loop.TrainingDiverged as err:
         cli.fail(err)
     except loop.Interrupted as err:
-        print(f"stopped: {err}", file=sys.stderr)
-        print(metrics.summary(_WORKDIR.value))
+        if primary:
+            print(f"stopped: {err}", file=sys.stderr)
+            print(metrics.summary(_WORKDIR.value))
         return PREEMPTED
-    print(metrics.summary(_WORKDIR.value))
+    if primary:
+        print(metrics.summary(_WORKDIR.value))
 
 
 if __name__ == "__main__":

@@ -110,9 +110,10 @@ def _check(condition: bool, key: str, why: str) -> None:
 
 
 def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
-             process_count: int | None = None) -> Resolved:
+             process_count: int | None = None, check_data: bool = True) -> Resolved:
     """Check every key the trainer reads against each other and the devices; the first bad one raises
-    ConfigError. `num_devices` / `process_count` default to this JAX runtime's."""
+    ConfigError. `num_devices` / `process_count` default to this JAX runtime's. `check_data=False` skips
+    opening the data inputs (files, tokenizer): ahead-of-time compilation needs only their shapes."""
     for key in ("total_steps", "log_every_steps"):
         _check(c[key] >= 1, key, f"must be >= 1, got {c[key]}")
     for key in ("checkpoint_every_steps", "eval_every_steps", "max_checkpoints_to_keep"):
@@ -130,7 +131,8 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
 
     try:
         data = pipeline.resolve_config(c.data)
-        pipeline.check_inputs(data, vocab_size=model.vocab_size)
+        if check_data:
+            pipeline.check_inputs(data, vocab_size=model.vocab_size)
     except (ValueError, OSError) as err:
         raise ConfigError(f"config.data: {err}") from None
     _check(data.seq_len >= 2, "data.seq_len", "must be >= 2")

@@ -9,6 +9,7 @@ second Ctrl-C aborts at once.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -17,8 +18,9 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
-from ouro_jax import run, sharding
+from ouro_jax import distributed, run, sharding
 from ouro_jax.data import pipeline
 from ouro_jax.train import config as config_lib
 from ouro_jax.train import metrics as metrics_lib
@@ -99,12 +101,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
     `config.ConfigError` / `run.RunError` (one line). Raises `Interrupted` after a signal-triggered save
     and `TrainingDiverged` on a non-finite loss (the last good checkpoint is kept).
     """
-    sharding.initialize_distributed()
     resolved = config_lib.validate(config)
     run.check_resume(workdir, config, allow_change=allow_config_change)
-    with run.lock(workdir, primary=jax.process_index() == 0):
-        run.check_resume(workdir, config, allow_change=allow_config_change)  # again, now that it is ours
+    with _locked(workdir, config, allow_config_change):
         mesh = sharding.make_mesh(resolved.mesh)
+        logging.info("%s", distributed.describe(mesh))
+        if jax.process_count() > 1 and jax.process_index() == 0:
+            print(distributed.describe(mesh), file=sys.stderr)
         data_iter = iter(pipeline.build_train_dataset(
             config.data, seed=config.seed, process_index=jax.process_index(),
             process_count=jax.process_count()))
@@ -112,11 +115,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
             config.data, seed=config.seed, num_batches=config.data.eval_batches,
             process_index=jax.process_index(), process_count=jax.process_count())
             if config.eval_every_steps else [])
+        eval_batches = _same_count_on_every_process(eval_batches, config.data)
         program = program_lib.build(config, resolved, mesh)
         with run.Checkpointer(workdir, max_to_keep=config.max_checkpoints_to_keep or None,
                               async_save=config.async_checkpointing) as checkpointer:
             state, resumed = _initial_state(config, resolved, program, checkpointer, data_iter)
-            run.record_config(workdir, config, step=int(state.step))
+            if jax.process_index() == 0:
+                run.record_config(workdir, config, step=int(state.step))
             if resumed is not None and jax.process_index() == 0:
                 print(f"resumed from step {resumed}", file=sys.stderr)
             writer = metrics_lib.MetricsWriter(workdir, resumed_step=resumed,
@@ -127,12 +132,48 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
                 writer.close()
 
 
+@contextlib.contextmanager
+def _locked(workdir: str, config, allow_change: bool):
+    """Hold the run's lock (process 0) and check again that the run can continue. If any process cannot
+    start, every process stops with one line: one that stopped alone would leave the others waiting in
+    their first collective."""
+    with contextlib.ExitStack() as held:
+        failure = None
+        try:
+            held.enter_context(run.lock(workdir, primary=jax.process_index() == 0))
+            run.check_resume(workdir, config, allow_change=allow_change)  # again, now that it is ours
+        except run.RunError as err:
+            failure = err
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            failed = np.flatnonzero(multihost_utils.process_allgather(np.array(failure is not None)))
+            if failure is None and failed.size:
+                raise run.RunError(f"process {failed[0]} could not start the run (its error says why)")
+        if failure is not None:
+            raise failure
+        yield
+
+
+def _same_count_on_every_process(batches: list[dict], data) -> list[dict]:
+    """This process's eval batches, padded with empty batches (loss_mask 0, so they weigh nothing) to the
+    most any process holds: each eval step is a collective that every process must run."""
+    if jax.process_count() == 1:
+        return batches
+    from jax.experimental import multihost_utils
+
+    most = int(np.max(multihost_utils.process_allgather(np.array(len(batches)))))
+    rows = data.batch_size // jax.process_count()
+    empty = {key: np.zeros((rows, data.seq_len), np.int32) for key in pipeline.BATCH_KEYS}
+    return batches + [empty] * (most - len(batches))
+
+
 def _steps(config, program, state, data_iter, eval_batches, checkpointer, writer) -> dict:
     """Run optimiser steps up to `config.total_steps`; returns the last logged record."""
     eval_batches = [sharding.put_batch(b, program.batch_sharding) for b in eval_batches]
     stop = _StopRequests()
     step = int(state.step)
-    progress = metrics_lib.Progress(config.total_steps, step)
+    progress = metrics_lib.Progress(config.total_steps, step, enabled=jax.process_index() == 0)
     last_log_time, last_log_step = time.perf_counter(), step
     tokens_per_step = config.data.batch_size * config.data.seq_len
     record: dict = {}
@@ -155,7 +196,9 @@ def _steps(config, program, state, data_iter, eval_batches, checkpointer, writer
                 logged["tokens_per_s"] = tokens_per_step * (step - last_log_step) / (now - last_log_time)
                 last_log_time, last_log_step = now, step
             if eval_batches and (step % config.eval_every_steps == 0 or step == config.total_steps):
-                logged.update(evaluate(program.eval_step, state.params, eval_batches))
+                per_loop = evaluate(program.eval_step, state.params, eval_batches)
+                logged.update(metrics_lib.flatten(per_loop, prefix="eval_"))
+                writer.add_eval_figures(step, per_loop)
             if logged:
                 writer.write(step, logged)
                 record = {"step": step, **logged}
@@ -171,8 +214,9 @@ def _steps(config, program, state, data_iter, eval_batches, checkpointer, writer
     return record
 
 
-def evaluate(eval_step, params, batches) -> dict[str, float]:
-    """Token-weighted mean of eval metrics over `batches`, keys prefixed `eval_`."""
+def evaluate(eval_step, params, batches) -> dict[str, np.ndarray]:
+    """Token-weighted means of the eval metrics over `batches` (per-loop arrays stay arrays [T]), with the
+    token and answer counts."""
     sums: dict[str, np.ndarray] = {}
     weights = {"answer_accuracy_per_loop": "num_answers"}
     totals = {"num_tokens": 0.0, "num_answers": 0.0}
@@ -186,4 +230,4 @@ def evaluate(eval_step, params, batches) -> dict[str, float]:
             w = float(m[weights.get(key, "num_tokens")])
             sums[key] = sums.get(key, 0.0) + w * np.asarray(value, np.float64)
     means = {k: v / max(totals[weights.get(k, "num_tokens")], 1.0) for k, v in sums.items()}
-    return metrics_lib.flatten({**means, **totals}, prefix="eval_")
+    return {**means, **totals}

@@ -74,6 +74,19 @@ class MetricsWriter:
                 self.tensorboard.add_scalar(key, value, step)
         self.tensorboard.flush()
 
+    def add_eval_figures(self, step: int, per_loop: Mapping[str, np.ndarray]) -> None:
+        """The evaluation's per-loop CE / accuracy and exit-loop histogram as TensorBoard images (the
+        figures of `python -m ouro_jax.evaluate`); skipped when matplotlib (the `eval` extra) is absent."""
+        if not self.enabled:
+            return
+        try:
+            from ouro_jax.evaluate.plots import loop_figures
+        except ImportError:
+            return
+        for name, figure in loop_figures(per_loop, title=f"step {step}").items():
+            self.tensorboard.add_figure(f"eval/{name}", figure, step)
+        self.tensorboard.flush()
+
     def close(self) -> None:
         if self.enabled:
             self.file.close()
@@ -97,9 +110,10 @@ def _figures(headline: Mapping[str, float]) -> str:
 class Progress:
     """`step 120/1500 [###-------] 8%  objective ... (exit-weighted CE ..., exit entropy ...)  12.3 steps/s
     ETA 1m52s` on stderr: redrawn in place on a terminal, otherwise a line every `interval_s` seconds
-    (and at the last step)."""
+    (and at the last step). Silent unless `enabled` (process 0 of a multi-process run)."""
 
-    def __init__(self, total_steps: int, start_step: int, interval_s: float = 30.0):
+    def __init__(self, total_steps: int, start_step: int, interval_s: float = 30.0, *, enabled: bool = True):
+        self.enabled = enabled
         self.total, self.start = total_steps, start_step
         self.t0 = self.last = time.perf_counter()
         self.interval_s = interval_s
@@ -107,7 +121,7 @@ class Progress:
 
     def update(self, step: int, headline: Mapping[str, float]) -> None:
         now = time.perf_counter()
-        if not self.tty and now - self.last < self.interval_s and step != self.total:
+        if not self.enabled or (not self.tty and now - self.last < self.interval_s and step != self.total):
             return
         self.last = now
         rate = (step - self.start) / max(now - self.t0, 1e-9)
@@ -120,7 +134,7 @@ class Progress:
         sys.stderr.flush()
 
     def close(self) -> None:
-        if self.tty:
+        if self.enabled and self.tty:
             sys.stderr.write("\n")
 
 

@@ -71,10 +71,11 @@ def build(config: ml_collections.ConfigDict, resolved: Resolved, mesh: Mesh) -> 
     train_step = jax.jit(
         make_train_step(graphdef, tx, optim.learning_rate_schedule(resolved.optimizer, config.total_steps),
                         resolved.objective, optim.trainable_mask(abstract_params, stage),
-                        resolved.micro_batches),
+                        resolved.micro_batches, mesh=mesh),
         in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
         donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(state_shardings.params, batch_sharding))
+    eval_step = jax.jit(make_eval_step(graphdef, mesh=mesh),
+                        in_shardings=(state_shardings.params, batch_sharding))
     return Program(mesh=mesh, graphdef=graphdef, tx=tx, abstract_params=abstract_params,
                    param_shardings=param_shardings, state_shardings=state_shardings,
                    batch_sharding=batch_sharding,
