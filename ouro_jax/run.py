@@ -73,13 +73,14 @@ def latest_step(run_dir: str | os.PathLike) -> int | None:
     return max(steps, default=None)
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path, error: type[RunError] = RunError) -> dict:
+    """A JSON object from `path`; anything else raises `error` (one line naming the file)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise RunError(f"{path}: not readable as JSON ({err})") from None
+        raise error(f"{path}: not readable as JSON ({err})") from None
     if not isinstance(data, dict):
-        raise RunError(f"{path}: expected a JSON object")
+        raise error(f"{path}: expected a JSON object")
     return data
 
 
@@ -100,7 +101,7 @@ def locate(path: str | os.PathLike) -> Location:
     if not config_file.is_file():
         raise RunError(f"{path}: no {CONFIG} (expected an ouro_jax run, one of its checkpoint steps, or a "
                        "Hugging Face Ouro directory)")
-    if not isinstance(_read_json(config_file).get("model"), dict):
+    if not isinstance(read_json(config_file).get("model"), dict):
         if root != directory:
             raise RunError(f"{config_file}: an ouro_jax run config needs a `model` key")
         return Location("hf", root)
@@ -113,7 +114,7 @@ def read_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     location = locate(path)
     if location.kind == "hf":
         raise RunError(f"{path}: a Hugging Face directory, not an ouro_jax run")
-    return ml_collections.ConfigDict(_read_json(location.root / CONFIG))
+    return ml_collections.ConfigDict(read_json(location.root / CONFIG))
 
 
 def write_config(run_dir: str | os.PathLike, config: ml_collections.ConfigDict | dict) -> Path:
@@ -145,7 +146,7 @@ def _as_json(config: ml_collections.ConfigDict) -> dict:
 
 def config_changes(run_dir: str | os.PathLike, config: ml_collections.ConfigDict) -> dict[str, tuple]:
     """{key: (recorded value, new value)} for every key where `config` differs from RUN/config.json."""
-    old, new = _flat(_read_json(Path(run_dir) / CONFIG)), _flat(_as_json(config))
+    old, new = _flat(read_json(Path(run_dir) / CONFIG)), _flat(_as_json(config))
     return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 
@@ -159,7 +160,7 @@ def check_resume(run_dir: str | os.PathLike, config: ml_collections.ConfigDict, 
         raise RunError(f"--workdir {run_dir} is a file, not a run directory")
     if not (directory / CONFIG).is_file():
         return
-    recorded = _read_json(directory / CONFIG)
+    recorded = read_json(directory / CONFIG)
     if not isinstance(recorded.get("model"), dict) or "total_steps" not in recorded:
         raise RunError(f"--workdir {run_dir} holds {CONFIG} of something else (an export or an imported "
                        "checkpoint); train into a new directory and use --config.init_from for weights")

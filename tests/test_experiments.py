@@ -116,52 +116,69 @@ def test_gate_comparison_at_equal_depth_by_hand():
 # suite: a killed suite reruns only what is missing; figures against a direct recomputation ------------
 
 
-def test_killed_suite_reruns_only_missing_runs(tmp_path):
+SMOKE = ["--task=phop", "--models=1x1,1x2", "--seeds=1", "--steps=3", "--seq_len=16", "--eval_batches=1",
+         "--set=" + ",".join(f"{k}={v}" for k, v in TINY.items())]
+
+
+def smoke_runs(objectives):
+    """The runs `python -m ouro_jax.experiments SMOKE --objectives=...` plans."""
+    cfg = plan.task_config("phop", steps=3, seq_len=16, overrides=TINY)
+    return plan.compare_runs(cfg, ["1x1", "1x2"], objectives, [0], "phop")
+
+
+@pytest.fixture(scope="module")
+def killed_suite(tmp_path_factory):
+    """The smoke suite (1x1, 1x2 with the Ouro objective) killed twice and rerun; returns what happened."""
     from ouro_jax.train import loop
 
-    cfg = plan.task_config("phop", steps=3, seq_len=16, overrides=TINY)
-    runs = plan.compare_runs(cfg, ["1x1", "1x2"], ["ouro", "last_loop"], [0], "phop")
-    calls, lines = [], []
+    out = str(tmp_path_factory.mktemp("suite"))
+    runs = smoke_runs(["ouro"])
+    calls, lines, events = [], [], {}
 
-    def trainer(killed_at=None):
+    def trainer(kill_before=None, kill_after=None):
         def train(config, workdir):
-            calls.append(workdir)
-            if len(calls) == killed_at:
-                raise KeyboardInterrupt  # the suite is killed when it starts its n-th training
-            return loop.train(config, workdir)
+            calls.append(os.path.basename(workdir))
+            if len(calls) == kill_before:
+                raise KeyboardInterrupt  # killed as it starts training this run
+            loop.train(config, workdir)
+            if len(calls) == kill_after:
+                raise KeyboardInterrupt  # killed after training, before measuring
         return train
 
     with pytest.raises(KeyboardInterrupt):
-        suite.execute(runs, str(tmp_path), train_fn=trainer(killed_at=2), num_batches=1, log=lines.append)
-    assert suite.cached_result(str(tmp_path), runs[0]) is not None
-    assert suite.cached_result(str(tmp_path), runs[1]) is None
-
-    def train_then_killed(config, workdir):  # killed after training, before measuring
-        calls.append(workdir)
-        loop.train(config, workdir)
-        raise KeyboardInterrupt
-
+        suite.execute(runs, out, train_fn=trainer(kill_before=2), num_batches=1, log=lines.append)
+    events["first"] = (list(calls), [suite.cached_result(out, r) is not None for r in runs])
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
-        suite.execute(runs[:2], str(tmp_path), train_fn=train_then_killed, num_batches=1, log=lines.append)
-    assert [os.path.basename(c) for c in calls] == [runs[1].key]  # run 0 was not trained again
-
+        suite.execute(runs, out, train_fn=trainer(kill_after=1), num_batches=1, log=lines.append)
+    events["second"] = (list(calls), [suite.cached_result(out, r) is not None for r in runs])
     calls.clear()
-    results = suite.execute(runs, str(tmp_path), train_fn=trainer(), num_batches=1, log=lines.append)
-    assert [os.path.basename(c) for c in calls] == [runs[1].key, runs[2].key]
-    assert any(f"{runs[1].label}: resuming" in line for line in lines)
-    assert results[runs[1].key]["resumed"] and not results[runs[2].key]["resumed"]
+    results = suite.execute(runs, out, train_fn=trainer(), num_batches=1, log=lines.append)
+    events["third"] = list(calls)
     calls.clear()
-    again = suite.execute(runs, str(tmp_path), train_fn=trainer(), num_batches=1, log=lines.append)
-    assert calls == [] and again == results
+    events["again"] = suite.execute(runs, out, train_fn=trainer(), num_batches=1, log=lines.append)
+    events["fourth"] = list(calls)
+    return {"out": out, "runs": runs, "results": results, "lines": lines, **events}
 
-    # the measured figures equal a direct recomputation through another code path (model.loop readout)
-    run = runs[1]  # 1x2, Ouro objective
-    model = ouro_jax.from_pretrained(suite.run_dir(str(tmp_path), run))
+
+def test_killed_suite_reruns_only_missing_runs(killed_suite):
+    first, second = (r.key for r in killed_suite["runs"])
+    assert killed_suite["first"] == ([first, second], [True, False])
+    assert killed_suite["second"] == ([second], [True, False])  # the finished run was not trained again
+    assert killed_suite["third"] == []  # its last checkpoint exists: it is only measured
+    assert any(f"{killed_suite['runs'][1].label}: trained before, measuring" in line
+               for line in killed_suite["lines"])
+    assert killed_suite["results"][second]["resumed"] and not killed_suite["results"][first]["resumed"]
+    assert killed_suite["fourth"] == [] and killed_suite["again"] == killed_suite["results"]
+
+
+def test_measured_figures_match_a_direct_recomputation(killed_suite):
+    run = killed_suite["runs"][1]  # 1x2, Ouro objective; model.loop's readout is another code path
+    model = ouro_jax.from_pretrained(suite.run_dir(killed_suite["out"], run))
     batch = build_eval_batches(run.config.data, seed=0, num_batches=1)[0]
     ce, correct, _ = ouro_jax.objective.per_loop_losses(model, {k: jnp.asarray(v) for k, v in batch.items()})
     mask = batch["loss_mask"].astype(bool)
-    result = results[run.key]
+    result = killed_suite["results"][run.key]
     np.testing.assert_allclose(result["loss"], [np.asarray(ce[t])[mask].mean() for t in range(2)], rtol=1e-5)
     np.testing.assert_allclose(result["answer_accuracy"], np.asarray(correct)[:, :, -1].mean(axis=1))
     assert len(result["exit_pdf"]) == 2 and sum(result["exit_pdf"]) == pytest.approx(1.0, abs=1e-5)
@@ -177,30 +194,32 @@ def cli(*args, cwd):
                           text=True, cwd=cwd, timeout=600)
 
 
-def test_cli_smoke_run_writes_results(tmp_path):
-    out = tmp_path / "suite"
-    sets = ",".join(f"{k}={v}" for k, v in TINY.items())
-    proc = cli("--task=phop", "--models=1x1,1x2", "--seeds=1", "--steps=3", "--seq_len=16",
-               "--objectives=ouro", "--eval_batches=1", f"--set={sets}", f"--output_dir={out}", cwd=tmp_path)
+def test_cli_smoke_run_writes_results(killed_suite, tmp_path):
+    """The command over the suite above adds the last-loop-only run and reports all three."""
+    out = killed_suite["out"]
+    proc = cli(*SMOKE, "--objectives=ouro,last_loop", f"--output_dir={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads((out / "results.json").read_text())
-    section = results["phop/compare"]
-    assert set(section["data"]) == {"1x1/ouro", "1x2/ouro"}
-    assert len(section["data"]["1x2/ouro"]["answer_accuracy"]["0"]) == 2
+    assert proc.stdout.count("done before") == 2  # the flags plan the same runs as `smoke_runs`
+    assert [r.key for r in smoke_runs(["ouro", "last_loop"])][:2] == [r.key for r in killed_suite["runs"]]
+    section = json.loads(open(os.path.join(out, "results.json")).read())["phop/compare"]
+    assert set(section["data"]) == {"1x1/ouro", "1x2/ouro", "1x2/last_loop"}
+    assert section["data"]["1x2/ouro"]["answer_accuracy"]["0"] == \
+        killed_suite["results"][killed_suite["runs"][1].key]["answer_accuracy"]
+    assert len(section["data"]["1x2/last_loop"]["answer_accuracy"]["0"]) == 2
     assert len(section["data"]["1x1/ouro"]["answer_accuracy"]["0"]) == 1
-    assert section["runs_trained"] == 2 and section["settings"]["data"]["p"] == 3
-    markdown = (out / "results.md").read_text()
+    assert (section["runs_trained"], section["runs_cached"]) == (1, 2)
+    assert section["settings"]["data"]["p"] == 3
+    markdown = open(os.path.join(out, "results.md")).read()
     assert "| model | objective | params | seeds | loop 1 | loop 2 |" in markdown
-    assert "--models=1x1,1x2" in markdown and "| 1x2 | ouro |" in markdown
-    assert "| 1x2 | ouro |" in proc.stdout
-    png = out / "phop_compare.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    rerun = cli("--task=phop", "--models=1x1,1x2", "--seeds=1", "--steps=3", "--seq_len=16",
-                "--objectives=ouro", "--eval_batches=1", f"--set={sets}", f"--output_dir={out}", cwd=tmp_path)
-    assert rerun.returncode == 0 and rerun.stdout.count("done before") == 2
+    assert "--objectives=ouro,last_loop" in markdown and "| 1x2 | last_loop |" in markdown
+    assert "| 1x2 | last_loop |" in proc.stdout
+    png = open(os.path.join(out, "phop_compare.png"), "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
-    for args, message in [(["--models=1y4"], "is not KxL"), (["--task_settings=p"], "is not key=value"),
-                          (["--study=beta", "--models=1x1"], "needs a looped model")]:
-        proc = cli(*args, f"--output_dir={out}", cwd=tmp_path)
-        assert proc.returncode == 1
-        assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr
+
+def test_cli_user_error_is_one_line(tmp_path):
+    proc = cli("--study=beta", "--models=1x1", "--task_settings=p=4", f"--output_dir={tmp_path}",
+               cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "error: --study=beta needs a looped model (L > 1) in --models")
+    assert not os.listdir(tmp_path)  # refused before writing anything

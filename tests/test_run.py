@@ -23,12 +23,7 @@ TINY = {"total_steps": 4, "log_every_steps": 1, "eval_every_steps": 0, "checkpoi
 
 def tiny_config(**overrides):
     c = recipes.demo()
-    for key, value in {**TINY, **overrides}.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict({**TINY, **overrides})
     return c
 
 

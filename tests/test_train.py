@@ -39,12 +39,7 @@ NOT_EXACT = {"tokens_per_s"}  # wall-clock dependent
 
 def small_config(**overrides):
     c = recipes.demo()
-    for key, value in {**SMALL, **overrides}.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict({**SMALL, **overrides})
     return c
 
 

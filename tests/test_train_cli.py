@@ -57,12 +57,7 @@ def trained(tmp_path_factory):
     """A finished 6-step run, trained in-process with the same config as `train_args`."""
     workdir = tmp_path_factory.mktemp("trained") / "run"
     c = recipes.demo()
-    for key, value in SMALL.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(SMALL)
     loop.train(c, str(workdir))
     return workdir
 

@@ -84,7 +84,7 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = "float32", **runtime) 
     except run.RunError as err:
         raise CheckpointError(str(err)) from None
     if location.kind == "hf":
-        return _from_hf(location.root, _read_json(location.root / "config.json"), runtime)
+        return _from_hf(location.root, run.read_json(location.root / "config.json", CheckpointError), runtime)
     config = run.model_config(location.root, **runtime)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Ouro(config, rngs=nnx.Rngs(0))))
     try:
@@ -95,16 +95,6 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = "float32", **runtime) 
         raise CheckpointError(f"{path}: the checkpoint does not fit its config.json: {err}") from None
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not readable as JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
 
 
 def _config(source: str, build) -> OuroConfig:
@@ -142,7 +132,7 @@ def _open_safetensors(directory: Path, stack: contextlib.ExitStack) -> dict[str,
     """HF tensor name -> open safetensors file holding it (pread backend: nothing is memory-mapped)."""
     index_file = directory / INDEX_NAME
     if index_file.is_file():
-        weight_map = _read_json(index_file).get("weight_map")
+        weight_map = run.read_json(index_file, CheckpointError).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_file}: no `weight_map`")
         files = sorted(set(weight_map.values()))

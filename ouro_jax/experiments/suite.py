@@ -4,8 +4,8 @@ CPU time (all threads of this process) is reported beside wall time because on a
 wall time mostly measures the other processes.
 
 A rerun of the same suite skips every run that has `result.json`; a run killed mid-training resumes from
-its latest checkpoint (`ouro_jax.train.loop.train` resumes by itself); a run killed after training but
-before measuring is measured. So a killed suite reruns only what is missing.
+its latest checkpoint (`ouro_jax.train.loop.train` resumes by itself); a run killed after its last
+checkpoint but before measuring is only measured. So a killed suite reruns only what is missing.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import ml_collections
 
+from ouro_jax import run as run_lib
 from ouro_jax.experiments import measure as measure_lib
 from ouro_jax.experiments import plan
 
@@ -61,16 +62,18 @@ def execute(runs: list[plan.Run], output_dir: str, *, train_fn: Callable | None 
             log(f"[{number}/{len(runs)}] {run.label}: done before (wall {cached['train_wall_s']:.0f} s)")
             continue
         workdir = run_dir(output_dir, run)
-        checkpoints = os.path.join(workdir, "checkpoints")
-        resumed = os.path.isdir(checkpoints) and any(s.isdigit() for s in os.listdir(checkpoints))
+        step = run_lib.latest_step(workdir)
+        resumed = step is not None
         config = run.config
         if run.parent is not None:
             config = ml_collections.ConfigDict(config.to_dict())
             config.init_from = os.path.abspath(run_dir(output_dir, run.parent))
-        log(f"[{number}/{len(runs)}] {run.label}: {'resuming' if resumed else 'training'} "
-            f"{config.total_steps} steps in {workdir}")
+        log(f"[{number}/{len(runs)}] {run.label}: "
+            + ("trained before, measuring" if step == config.total_steps else
+               f"{'resuming' if resumed else 'training'} {config.total_steps} steps in {workdir}"))
         start, start_cpu = time.perf_counter(), time.process_time()
-        train_fn(config, workdir)
+        if step != config.total_steps:
+            train_fn(config, workdir)
         trained, trained_cpu = time.perf_counter(), time.process_time()
         figures = measure_lib.measure(workdir, config, num_batches=num_batches)
         result = {**plan.describe(run), "resumed": resumed, "train_wall_s": trained - start,

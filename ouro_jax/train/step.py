@@ -71,8 +71,12 @@ def _accumulate(loss_and_grad, params, batch: Batch, micro_steps: int):
     def body(total, mb):
         return jax.tree.map(jnp.add, total, weighted(mb)), None
 
-    first = weighted(jax.tree.map(lambda x: x[0], micro))
-    ((metrics, grads), tokens), _ = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], micro))
+    # One loop over every micro-batch from a zero total: a first micro-batch computed before the loop
+    # would be a second copy of the model's program, independent of the loop's, and XLA overlaps the
+    # two when it inlines a one-trip loop (two sets of activations live at once; twice the compile).
+    total = jax.eval_shape(weighted, jax.tree.map(lambda x: x[0], micro))
+    total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), total)
+    ((metrics, grads), tokens), _ = jax.lax.scan(body, total, micro)
     metrics, grads = jax.tree.map(lambda x: x / jnp.maximum(tokens, 1.0), (metrics, grads))
     return {**metrics, "num_tokens": tokens}, grads
 
