@@ -1,7 +1,7 @@
 """Ouro-1.4B pre-training recipe (arXiv:2510.25741 §4.1, Table 1), one variant per stage:
 
-  python -m ouro_jax.train --config=configs/ouro_1p4b.py:1a --workdir=gs://bucket/ouro/1a \\
-      --config.data.array_record.paths=gs://bucket/tokens/stage1/*.array_record
+  python -m ouro_jax.train --config=configs/ouro_1p4b.py:1a --workdir=/mnt/shared/ouro/1a \\
+      --config.data.array_record.paths=/mnt/shared/tokens/stage1/*.array_record
   python -m ouro_jax.train --config=configs/ouro_1p4b.py:1b --workdir=... --config.init_from=<1a run>
 
 | variant | tokens | seq  | LR schedule                    | T | beta | RoPE base |

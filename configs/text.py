@@ -7,9 +7,9 @@
 
 The default tokenizer is Ouro's own (SmolLM2 BPE, vocab 49152, bundled); a smaller one trained with
 `ouro_jax.tokenizer.train_bpe` suits tiny CPU runs (set model.vocab_size to its size).
-Variants: `:size=cpu` (byte-level, hidden 128, 2 layers: the per-loop held-out loss falls within a few
-minutes on 2 CPU cores), `:size=small` (hidden 256, 4 layers, default) or `:size=medium` (hidden 768,
-12 layers).
+Variants (`:cpu` is short for `:size=cpu`): `:size=cpu` (byte-level, hidden 128, 2 layers: the
+per-loop held-out loss falls within a few minutes on 2 CPU cores), `:size=small` (hidden 256, 4 layers,
+default) or `:size=medium` (hidden 768, 12 layers).
 """
 
 from ouro_jax.train import recipes
@@ -17,6 +17,6 @@ from ouro_jax.train.config import parse_variant
 
 
 def get_config(arg: str | None = None):
-    options = parse_variant(arg, {"size": "small"}, where="configs/text.py",
+    options = parse_variant(arg, {"size": "small"}, where="configs/text.py", positional="size",
                             choices={"size": tuple(recipes.TEXT_SIZES)})
     return recipes.text(**options)

@@ -32,6 +32,10 @@ class UserError(ValueError):
 def one_line(err: BaseException | str) -> str:
     """An exception's message collapsed to one readable line (ml_collections' quoted reprs unwrapped)."""
     text = str(err)
+    if "Traceback (most recent call last)" in text:  # ml_collections wraps get_config's exception
+        flag = re.match(r"flag (--\S+): ", text)
+        text = re.sub(r"^[\w.]+: ", "", text.strip().splitlines()[-1])
+        text = f"{flag.group(1)}: {text}" if flag and not text.startswith("configs/") else text
     suggestion = re.search(r"'([^']+)'.*Did you mean \"([^\"]+)\" instead of \"([^\"]+)\"", text, re.S)
     if suggestion:
         return f"unknown config key {suggestion.group(3)!r}; did you mean {suggestion.group(2)!r}?"

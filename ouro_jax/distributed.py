@@ -123,8 +123,10 @@ def _explicit(address: str | None, count: int | None, index: int | None) -> Laun
 
 def _maybe_cloud_tpu_vm() -> bool:
     """libtpu installed and a Google device on the PCI bus: maybe a Cloud TPU VM (JAX's metadata query
-    decides; a Google network card on a GPU VM looks the same from here)."""
-    if importlib.util.find_spec("libtpu") is None:
+    decides; a Google network card on a GPU VM looks the same from here). Not when JAX_PLATFORMS
+    leaves TPUs out (e.g. `cpu`)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if importlib.util.find_spec("libtpu") is None or (platforms and "tpu" not in platforms.split(",")):
         return False
     for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
         try:

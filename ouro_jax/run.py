@@ -155,6 +155,9 @@ def check_resume(run_dir: str | os.PathLike, config: ml_collections.ConfigDict, 
     """Refuse (RunError, nothing written) a training into `run_dir` that cannot continue it: a path that
     is a file, a directory holding something else, a changed model shape, or any other changed key
     unless `allow_change` (then `record_config` logs the change beside the original config)."""
+    if re.match(r"^[a-z][a-z0-9+.-]*://", str(run_dir)):
+        raise RunError(f"--workdir {run_dir}: URLs are not supported; give a directory that every host "
+                       "sees (NFS, Filestore, or the bucket mounted with gcsfuse)")
     directory = Path(run_dir)
     if directory.exists() and not directory.is_dir():
         raise RunError(f"--workdir {run_dir} is a file, not a run directory")

@@ -93,3 +93,13 @@ def cross_entropy(logits, targets):
     m = logits.max(axis=-1, keepdims=True)
     lse = np.log(np.exp(logits - m).sum(axis=-1)) + m[..., 0]
     return lse - np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
+def slow_phop_target(x, i, p):
+    """x at f^p(i) with f(i) = 1 + max{j < i : x_j = x_i}, by linear scans; None when undefined."""
+    for _ in range(p):
+        earlier = [j for j in range(i) if x[j] == x[i]]
+        if not earlier:
+            return None
+        i = earlier[-1] + 1
+    return x[i]

@@ -16,21 +16,13 @@ from ouro_jax.data import BATCH_KEYS, PHop, build_eval_batches, build_train_data
 from ouro_jax.data.pipeline import heldout_split, read_documents
 from ouro_jax.data.tasks import phop_targets
 
+from oracle import slow_phop_target
+
 WORDS = "in the beginning god created heaven and earth was without form void darkness upon face deep".split()
 S = 32
 
 
 # p-hop ------------------------------------------------------------------------------------------------
-
-
-def slow_phop_target(x, i, p):
-    """x at f^p(i) with f(i) = 1 + max{j < i : x_j = x_i}, by linear scans; None when undefined."""
-    for _ in range(p):
-        earlier = [j for j in range(i) if x[j] == x[i]]
-        if not earlier:
-            return None
-        i = earlier[-1] + 1
-    return x[i]
 
 
 @pytest.mark.parametrize("n,p", [(16, 3), (32, 4), (64, 8)])

@@ -184,6 +184,17 @@ def test_transformers_loads_float32_export(offline, model32, export32):
     np.testing.assert_allclose(gates, np.asarray(ours.gate_logits), atol=1e-4, rtol=0)
 
 
+def test_exported_task_model_generates_past_ordinary_symbols(offline, tmp_path):
+    """A model without a text tokenizer has no end-of-sequence id in generation_config.json: transformers'
+    generate writes max_new_tokens even when the ids are 0 or 2 (eos/pad of the Ouro vocabulary)."""
+    out = save_pretrained(build(CONFIG, confident_params()), tmp_path / "task")
+    hf_model = load_torch(out)
+    prompt = torch.tensor([[5, 9, 0]])  # confident_params copy the last token: 0 again and again
+    with torch.no_grad():
+        new = hf_model.generate(prompt, max_new_tokens=8, do_sample=False)[0, 3:].tolist()
+    assert new[0] == 0 and len(new) == 8, new
+
+
 def confident_params(seed=0) -> dict:
     """Params whose logits have a clear top-1, as a trained model's do: the LM head reads back the
     (scaled-up) token embedding and the sub-layer post-norms are damped. With plain random weights
@@ -263,13 +274,17 @@ def test_sharded_export(offline, model32, export32, tmp_path):
         assert torch.equal(tensor, single[name]), name
 
 
-def test_tokenizer_files(offline, tmp_path):
+def test_tokenizer_files(offline, tmp_path, monkeypatch):
     config = tiny(vocab_size=49152)  # the Ouro tokenizer's size
     model = nnx.eval_shape(lambda: Ouro(config, rngs=nnx.Rngs(0)))
     model = build(config, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), pure_params(model)))
     out = save_pretrained(model, tmp_path / "hf", tokenizer="ouro")
     ours = tokenizer_lib.load("ouro")
-    theirs = AutoTokenizer.from_pretrained(out, local_files_only=True)
+
+    prompts = []  # transformers asks through input() whether to run the exported code
+    monkeypatch.setattr("builtins.input", lambda *args: prompts.append(args) or "n")
+    theirs = AutoTokenizer.from_pretrained(out, local_files_only=True, trust_remote_code=False)
+    assert prompts == []
     text = "<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n"
     assert theirs(text)["input_ids"] == ours.encode(text).ids
     assert theirs.eos_token_id == tokenizer_lib.IM_END_ID

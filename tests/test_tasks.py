@@ -10,15 +10,7 @@ import pytest
 from ouro_jax.data import BATCH_KEYS, build_eval_batches, build_train_dataset
 from ouro_jax.data.tasks import Addition, Facts, ModularGraph, PHop, fact_table
 
-
-def slow_phop_target(x, i, p):
-    """x at f^p(i) with f(i) = 1 + max{j < i : x_j = x_i}, by linear scans; None when undefined."""
-    for _ in range(p):
-        earlier = [j for j in range(i) if x[j] == x[i]]
-        if not earlier:
-            return None
-        i = earlier[-1] + 1
-    return x[i]
+from oracle import slow_phop_target
 
 
 def assert_examples_by_index(task, indices):

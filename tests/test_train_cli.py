@@ -44,6 +44,7 @@ def assert_refused(result, needle):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    assert "Traceback" not in lines[0], lines[0]
     assert needle in lines[0], lines[0]
 
 
@@ -88,6 +89,12 @@ def test_workdir_that_is_a_file(tmp_path):
     target.write_text("my notes")
     assert_refused(run_cli(train_args(target)), "is a file")
     assert target.read_text() == "my notes"
+
+
+def test_a_url_workdir_is_refused_and_nothing_is_created(tmp_path):
+    assert_refused(run_cli(train_args("gs://bucket/run"), cwd=tmp_path),
+                   "--workdir gs://bucket/run: URLs are not supported")
+    assert list(tmp_path.iterdir()) == []  # no local "gs:" directory
 
 
 def test_a_second_training_is_refused_and_a_stale_lock_taken_over(tmp_path):
@@ -168,8 +175,11 @@ def test_export_of_a_run_without_checkpoint_is_one_quiet_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_package_imports_from_the_clones_parent_folder(tmp_path):
+def test_readme_snippet_runs_from_the_clones_parent_folder(tmp_path):
     (tmp_path / "ouro_jax").mkdir()  # a folder named like the package, e.g. the clone itself
-    result = subprocess.run([sys.executable, "-c", "import ouro_jax; print(sorted(ouro_jax.PRESETS))"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "ouro_1p4b" in result.stdout, result.stderr[-2000:]
+    snippet = (REPO / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    assert "ouro_jax.PRESETS" in snippet
+    result = subprocess.run([sys.executable, "-c", snippet + "print(out.logits.shape, loop.shape)"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0 and "(4, 1, 4, 128) (1, 4)" in result.stdout, result.stderr[-2000:]

@@ -39,11 +39,16 @@ def _with_local_data(c, tmp_path):
 ])
 def test_config_validates(name, arg, tmp_path):
     c = _with_local_data(_load(name, arg), tmp_path)
+    # the pod recipes use the TPU splash kernel: validated as on a TPU slice, refused elsewhere
+    platform = "tpu" if c.model.attention_impl == "splash" else None
     if c.init_upcycle or c.objective.stage == 2:  # upcycling and Stage II need a source run
         with pytest.raises(config_lib.ConfigError, match=r"(init_upcycle: needs|init_from: Stage II)"):
-            config_lib.validate(c)
+            config_lib.validate(c, platform=platform)
         c.init_from = "/runs/ouro_1p4b_1a"
-    resolved = config_lib.validate(c)
+    if platform:
+        with pytest.raises(config_lib.ConfigError, match=r"model\.attention_impl: 'splash' is the TPU"):
+            config_lib.validate(c, platform="gpu")
+    resolved = config_lib.validate(c, platform=platform)
     assert resolved.model.total_ut_steps >= 1
 
 

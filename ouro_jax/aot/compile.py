@@ -3,9 +3,10 @@
 `train_step` builds the run's programs with `ouro_jax.train.program.build` (the same jitted, donated step,
 shardings and gradient accumulation the trainer runs) on a mesh over the slice's compile-only devices,
 lowers the step on abstract arguments and compiles it with XLA's TPU compiler. A program larger than a
-chip's HBM fails there with RESOURCE_EXHAUSTED, which is reported as `fits = False` with the size the
-compiler asked for. `search` finds the largest rows per chip that fit; `serving` compiles `generate`'s
-prefill and decode loop.
+chip's HBM either fails there with RESOURCE_EXHAUSTED (reported as `fits = False` with the temporaries
+the compiler asked for) or compiles to a program over the capacity (`fits = False` from its memory
+analysis). `search` finds the largest rows per chip that fit; `serving` compiles the prefill and the
+decode loop that `generate` runs (`ouro_jax.inference.decode`'s own jitted functions).
 
 Byte counts are per chip unless named `_total`; the rows of a batch split over the `data` x `fsdp` mesh
 axes ("rows per chip" with mesh.tensor = 1).
@@ -37,8 +38,8 @@ _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def state_bytes(abstract_state) -> tuple[int, int]:
-    """(total bytes of the train state, bytes of the largest per-device shard set) from ShapeDtypeStructs
-    carrying NamedShardings."""
+    """(total bytes of the train state, bytes of one device's shards of it) from ShapeDtypeStructs
+    carrying NamedShardings (every device holds equal shards)."""
     total = per_device = 0
     for x in jax.tree.leaves(abstract_state):
         itemsize = np.dtype(x.dtype).itemsize
@@ -57,7 +58,7 @@ def _working_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 def _mesh_and_resolved(config, tpu: Slice, num_slices: int):
     devs = devices(tpu, num_slices)
     resolved = config_lib.validate(config, num_devices=len(devs), process_count=tpu.hosts * num_slices,
-                                   check_data=False)
+                                   platform="tpu", check_data=False)
     return sharding.make_mesh(config.mesh.to_dict(), devs), resolved
 
 
@@ -114,7 +115,8 @@ def train_step(config: ml_collections.ConfigDict, tpu: Slice, *, num_slices: int
     if rows_per_chip is not None:
         config = with_rows_per_chip(config, rows_per_chip, shards)
         resolved = config_lib.validate(config, num_devices=mesh.size,
-                                       process_count=tpu.hosts * num_slices, check_data=False)
+                                       process_count=tpu.hosts * num_slices, platform="tpu",
+                                       check_data=False)
     start = time.perf_counter()
     program = program_lib.build(config, resolved, mesh)
     init_s = time.perf_counter() - start

@@ -110,10 +110,12 @@ def _check(condition: bool, key: str, why: str) -> None:
 
 
 def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
-             process_count: int | None = None, check_data: bool = True) -> Resolved:
+             process_count: int | None = None, platform: str | None = None,
+             check_data: bool = True) -> Resolved:
     """Check every key the trainer reads against each other and the devices; the first bad one raises
-    ConfigError. `num_devices` / `process_count` default to this JAX runtime's. `check_data=False` skips
-    opening the data inputs (files, tokenizer): ahead-of-time compilation needs only their shapes."""
+    ConfigError. `num_devices` / `process_count` / `platform` ("cpu", "gpu", "tpu") default to this JAX
+    runtime's. `check_data=False` skips opening the data inputs (files, tokenizer): ahead-of-time
+    compilation needs only their shapes."""
     for key in ("total_steps", "log_every_steps"):
         _check(c[key] >= 1, key, f"must be >= 1, got {c[key]}")
     for key in ("checkpoint_every_steps", "eval_every_steps", "max_checkpoints_to_keep"):
@@ -136,6 +138,12 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
     except (ValueError, OSError) as err:
         raise ConfigError(f"config.data: {err}") from None
     _check(data.seq_len >= 2, "data.seq_len", "must be >= 2")
+    if model.attention_impl == "splash":
+        platform = jax.default_backend() if platform is None else platform
+        _check(platform == "tpu", "model.attention_impl",
+               f"'splash' is the TPU Pallas kernel; on {platform} use 'xla' (portable) or 'cudnn' (GPU)")
+        _check(data.seq_len % 128 == 0, "data.seq_len",
+               f"{data.seq_len} must be a multiple of 128 for model.attention_impl='splash'")
     try:
         devices = jax.device_count() if num_devices is None else num_devices
         shape = sharding.mesh_shape(c.mesh.to_dict(), devices)

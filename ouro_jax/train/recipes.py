@@ -95,12 +95,21 @@ STAGES = {
     "4": (3e11, 32768, 8 * 2**20, "cosine", 3e-5, 1e-5, 4, 0.05, 1_000_000.0),
 }
 MODELS = {"ouro_1p4b": ouro_1p4b, "ouro_2p6b": ouro_2p6b}
+# Micro-batches per step on a v5p-128 (64 chips), full remat and the splash kernel: the fewest whose rows
+# per chip fit in HBM, measured with `python -m ouro_jax.aot --topology=v5p-128` (docs/pod_scale.md).
+# On another slice, measure again (`--search`) and set --config.optimizer.grad_accum_steps.
+GRAD_ACCUM_V5P_128 = {
+    **{("ouro_1p4b", stage): 2 for stage in STAGES},
+    **{("ouro_2p6b", stage): 4 for stage in STAGES},
+}
 
 
 def pretraining(stage: str, model: str = "ouro_1p4b") -> ml_collections.ConfigDict:
     """One pre-training stage (Table 1): tokens, context, schedule, T, beta, RoPE base of `STAGES`.
 
-    Batch 8M tokens (4M in stage 1a); AdamW (0.9, 0.95), weight decay 0.1, clip 1.0. The warmup length
+    Batch 8M tokens (4M in stage 1a); AdamW (0.9, 0.95), weight decay 0.1, clip 1.0. Sized for a TPU
+    slice: FSDP over every chip, full remat, the splash kernel (on GPUs set
+    `--config.model.attention_impl=cudnn`), `GRAD_ACCUM_V5P_128` micro-batches. The warmup length
     and AdamW epsilon are not published; 2000 steps and 1e-8 are our choices. Stages after 1a start from
     the previous stage's parameters (`init_from`; the optimiser state restarts). Ouro-2.6B is upcycled
     from a 24-layer stage-1a run by layer duplication at the start of stage 1b (`init_upcycle`).
@@ -114,7 +123,7 @@ def pretraining(stage: str, model: str = "ouro_1p4b") -> ml_collections.ConfigDi
     c.checkpoint_every_steps = 1000
     c.model = model_dict(MODELS[model]().replace(
         total_ut_steps=loops, rope_theta=theta, dtype="bfloat16", param_dtype="float32",
-        remat_policy="save_qkv_context"))
+        remat_policy="full", attention_impl="splash"))
     c.objective.beta = beta
     c.optimizer.update(learning_rate=peak, schedule=schedule, min_lr_ratio=final / peak,
                        warmup_steps=2000 if stage == "1a" else 0, b1=0.9, b2=0.95, weight_decay=0.1,
@@ -122,6 +131,7 @@ def pretraining(stage: str, model: str = "ouro_1p4b") -> ml_collections.ConfigDi
     c.data.update(source="array_record", seq_len=seq_len, batch_size=rows, num_workers=8,
                   eval_batches=16, tokenizer="ouro")
     c.mesh.update(data=1, fsdp=-1, tensor=1)
+    c.optimizer.grad_accum_steps = GRAD_ACCUM_V5P_128[model, stage]
     if model == "ouro_2p6b" and stage == "1b":
         c.init_upcycle = "stacked"
     return c
