@@ -123,9 +123,15 @@ def test_a_second_training_is_refused_and_a_stale_lock_taken_over(tmp_path):
 
 
 def test_ctrl_c_saves_and_the_rerun_continues_exactly(tmp_path):
-    steps = {"total_steps": 200, "checkpoint_every_steps": 0}
+    steps = {"total_steps": 200, "checkpoint_every_steps": 0, "eval_every_steps": 100}
     reference = tmp_path / "reference"
-    assert run_cli(train_args(reference, **steps)).returncode == 0
+    done = run_cli(train_args(reference, **steps))
+    assert done.returncode == 0, done.stderr[-2000:]
+    evals = [r for r in records(reference) if "eval_loss_loop_1" in r]
+    assert [r["step"] for r in evals] == [100, 200]
+    for r in evals:  # each evaluation is printed as it happens
+        accuracy = "  ".join(f"loop {t}: {100 * r[f'eval_answer_accuracy_loop_{t}']:.1f}%" for t in (1, 2))
+        assert f"held-out answer accuracy (step {r['step']}) per loop: {accuracy}\n" in done.stderr
     workdir = tmp_path / "interrupted"
     proc = subprocess.Popen(train_args(workdir, **steps), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

@@ -199,6 +199,7 @@ def _steps(config, program, state, data_iter, eval_batches, checkpointer, writer
                 per_loop = evaluate(program.eval_step, state.params, eval_batches)
                 logged.update(metrics_lib.flatten(per_loop, prefix="eval_"))
                 writer.add_eval_figures(step, per_loop)
+                progress.note(metrics_lib.held_out({"step": step, **logged}))
             if logged:
                 writer.write(step, logged)
                 record = {"step": step, **logged}

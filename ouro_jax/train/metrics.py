@@ -133,6 +133,12 @@ class Progress:
         sys.stderr.write(("\r" + line) if self.tty else (line + "\n"))
         sys.stderr.flush()
 
+    def note(self, text: str) -> None:
+        """A line of its own (e.g. a held-out evaluation), below the progress line."""
+        if self.enabled:
+            sys.stderr.write(("\r\033[K" if self.tty else "") + text + "\n")
+            sys.stderr.flush()
+
     def close(self) -> None:
         if self.enabled and self.tty:
             sys.stderr.write("\n")
@@ -153,17 +159,20 @@ def summary(workdir: str) -> str:
     figures = {"objective": last["loss"], "weighted_ce": last["weighted_ce"], "entropy": last["entropy"]}
     parts = [f"step {last['step']}: {_figures(figures)}"]
     if evals:
-        ev = evals[-1]
-        loops = range(1, 1 + sum(1 for k in ev if k.startswith("eval_loss_loop_")))
-        if ev.get("eval_num_answers"):
-            per_loop = "  ".join(f"loop {t}: {100 * ev[f'eval_answer_accuracy_loop_{t}']:.1f}%"
-                                 for t in loops)
-            parts.append(f"held-out answer accuracy (step {ev['step']}) per loop: {per_loop}")
-        else:
-            per_loop = "  ".join(f"loop {t}: {ev[f'eval_loss_loop_{t}']:.3f} "
-                                 f"(ppl {math.exp(min(ev[f'eval_loss_loop_{t}'], 50.0)):.1f})" for t in loops)
-            parts.append(f"held-out loss (step {ev['step']}) per loop: {per_loop}")
+        parts.append(held_out(evals[-1]))
     return "; ".join(parts)
+
+
+def held_out(record: Mapping[str, float]) -> str:
+    """One logged evaluation (`step` and the `eval_*` keys) per loop: the answer accuracy (task data) or
+    the loss and perplexity (text)."""
+    loops = range(1, 1 + sum(1 for k in record if k.startswith("eval_loss_loop_")))
+    if record.get("eval_num_answers"):
+        per_loop = "  ".join(f"loop {t}: {100 * record[f'eval_answer_accuracy_loop_{t}']:.1f}%" for t in loops)
+        return f"held-out answer accuracy (step {record['step']}) per loop: {per_loop}"
+    per_loop = "  ".join(f"loop {t}: {record[f'eval_loss_loop_{t}']:.3f} "
+                         f"(ppl {math.exp(min(record[f'eval_loss_loop_{t}'], 50.0)):.1f})" for t in loops)
+    return f"held-out loss (step {record['step']}) per loop: {per_loop}"
 
 
 def _duration(seconds: float) -> str:
