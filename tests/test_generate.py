@@ -8,7 +8,7 @@ import torch
 from flax import nnx
 
 from ouro_jax.convert.hf import to_torch
-from ouro_jax.inference import generate, left_pad
+from ouro_jax.inference import KVCache, generate, left_pad
 from ouro_jax.model import exits
 from ouro_jax.model.config import tiny
 from ouro_jax.model.ouro import Ouro
@@ -111,7 +111,7 @@ def test_exit_at_loop_uses_loop_k_and_computes_no_further(model, batch, k):
 
 def test_kv_sharing_stores_one_entry_per_layer_for_decoded_tokens(model, batch):
     ids, lengths = batch
-    kwargs = dict(prompt_lengths=lengths, exit_threshold=Q)
+    kwargs = dict(prompt_lengths=lengths, exit_threshold=Q, skipped_kv="copy")
     outs = {s: generate(model, ids, NEW, kv_sharing=s, **kwargs) for s in ("none", "last", "average")}
     none = outs["none"].stats.cache_bytes
     t, n = model.config.total_ut_steps, model.config.num_hidden_layers
@@ -152,8 +152,8 @@ def test_kv_sharing_with_one_loop_equals_no_sharing(batch):
 @pytest.mark.parametrize("kwargs", [
     dict(exit_threshold=Q),  # kv_sharing "none": skipped loops' slots hold copies of the exit loop's K/V
     dict(exit_threshold=Q, kv_sharing="last"),
-    dict(temperature=0.8, top_k=20, top_p=0.9, seed=7, exit_policy="hidden_delta", hidden_delta_eps=0.9,
-         kv_sharing="average"),
+    dict(temperature=0.8, top_k=20, top_p=0.9, seed=7, exit_policy="hidden_delta_relative",
+         hidden_delta_eps=0.9, kv_sharing="average"),
 ])
 def test_ragged_batch_equals_each_row_alone(model, batch, kwargs):
     """Also: rows that exit early keep their exit-loop state, exactly as when generated alone."""
@@ -169,7 +169,7 @@ def test_ragged_batch_equals_each_row_alone(model, batch, kwargs):
 def test_sampling_depends_on_seed_and_reproduces(model, batch):
     ids, lengths = batch
     kwargs = dict(prompt_lengths=lengths, temperature=0.8, top_k=20, top_p=0.9,
-                  exit_policy="hidden_delta", hidden_delta_eps=0.9, kv_sharing="average")
+                  exit_policy="hidden_delta_relative", hidden_delta_eps=0.9, kv_sharing="average")
     a, b = generate(model, ids, NEW, seed=1, **kwargs), generate(model, ids, NEW, seed=1, **kwargs)
     c = generate(model, ids, NEW, seed=2, **kwargs)
     np.testing.assert_array_equal(a.tokens, b.tokens)
@@ -206,7 +206,7 @@ def test_decode_stops_when_all_rows_are_done(model):
 
 def test_early_exit_skips_loops(model, batch):
     ids, lengths = batch
-    out = generate(model, ids, NEW, prompt_lengths=lengths, exit_threshold=Q)
+    out = generate(model, ids, NEW, prompt_lengths=lengths, exit_threshold=Q, skipped_kv="copy")
     full = generate(model, ids, NEW, prompt_lengths=lengths)
     assert out.stats.loops_run < full.stats.loops_run == full.stats.loops_full_depth
     # a decode iteration runs until the deepest row of the batch has exited
@@ -237,6 +237,60 @@ def test_invalid_arguments_raise(model, batch):
     for kwargs in (dict(exit_threshold=1.5), dict(exit_at_loop=5), dict(exit_at_loop=0),
                    dict(kv_sharing="first"), dict(exit_at_loop=2, exit_threshold=0.5),
                    dict(top_p=0.0, temperature=1.0),
-                   dict(prompt_lengths=[0, 1, 2]), dict(exit_policy="entropy")):
+                   dict(prompt_lengths=[0, 1, 2]), dict(exit_policy="entropy"), dict(skipped_kv="zero"),
+                   dict(exit_policy="hidden_delta", exit_threshold=0.5)):
         with pytest.raises(ValueError):
             generate(model, ids, NEW, **{"prompt_lengths": lengths, **kwargs})
+
+
+@pytest.mark.parametrize("sharing", ["none", "last", "average"])
+def test_cache_of_finished_rows_is_finite(model, batch, sharing):
+    """A row that has finished is written with exit loop -1 (no token): its entry must stay finite
+    ("average" once divided by exit loop + 1 = 0). Direct on `KVCache.write`, then through generate."""
+    t, n, b, kv, h = 3, 2, 3, 2, 4
+    zeros = [[jnp.zeros((b, kv, 5, h))] * n for _ in range(t)]
+    cache = KVCache.create(zeros, zeros, 4, sharing)
+    k = jnp.asarray(np.random.default_rng(0).standard_normal((t, n, b, kv, h)), jnp.float32)
+    cache = cache.write(jnp.int32(1), k, k + 1, jnp.asarray([-1, 0, 2]))
+    assert all(np.isfinite(np.asarray(x)).all() for x in cache.decode_k + cache.decode_v)
+    if sharing == "average":  # the rows that ran loops are unaffected
+        np.testing.assert_allclose(np.asarray(cache.decode_k[0][2, :, 1]), np.asarray(k[:, 0, 2].mean(0)),
+                                   atol=1e-6)
+
+    ids, lengths = batch
+    kwargs = dict(prompt_lengths=lengths, exit_threshold=Q, kv_sharing=sharing)
+    free = generate(model, ids, NEW, **kwargs).tokens
+    out = generate(model, ids, NEW, stop_tokens=(int(free[0, 1]),), **kwargs)
+    assert (out.lengths < NEW).any() and out.lengths.min() < out.lengths.max()  # rows stop, unevenly
+    cache = out.cache
+    for x in cache.prompt_k + cache.prompt_v + cache.decode_k + cache.decode_v:
+        assert np.isfinite(np.asarray(x)).all()
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_hidden_delta_exits_follow_the_formula(model, batch, relative):
+    """Exit loops of exit_policy "hidden_delta" (||h_t - h_{t-1}||_2 < eps, the paper's form) and
+    "hidden_delta_relative" (< eps ||h_{t-1}||_2) equal the first loop t >= 2 meeting the rule, computed
+    in NumPy float64 from the normed states of an uncached forward over prompt + generated tokens
+    (skipped_kv "compute" keeps every token's states exact); the last loop when none does."""
+    ids, lengths = batch
+    hidden = np.asarray(model(jnp.asarray(ids)).hidden_states, np.float64)  # [T, B, P, D]
+    delta = np.linalg.norm(np.diff(hidden, axis=0), axis=-1)  # [T-1, B, P]
+    scale = np.linalg.norm(hidden[:-1], axis=-1) if relative else 1.0
+    eps = float(np.median(delta / scale))  # fires for about half of the (token, loop) pairs
+    out = generate(model, ids, NEW, prompt_lengths=lengths, skipped_kv="compute", hidden_delta_eps=eps,
+                   exit_policy="hidden_delta_relative" if relative else "hidden_delta")
+    seqs = [list(row) + out.tokens[b].tolist() for b, row in enumerate(ROWS)]
+    full = np.zeros((len(ROWS), max(map(len, seqs))), np.int32)
+    for b, seq in enumerate(seqs):
+        full[b, :len(seq)] = seq
+    hidden = np.asarray(model(jnp.asarray(full)).hidden_states, np.float64)
+    t_max = hidden.shape[0]
+    for b, row in enumerate(ROWS):
+        states = hidden[:, b, len(row) - 1:len(row) - 1 + NEW]  # [T, M, D]: the state of each token
+        change = np.linalg.norm(states[1:] - states[:-1], axis=-1)  # [T-1, M], loops 2..T
+        bound = eps * (np.linalg.norm(states[:-1], axis=-1) if relative else 1.0)
+        below = change < bound
+        expected = np.where(below.any(0), below.argmax(0) + 2, t_max)  # 1-based loop
+        np.testing.assert_array_equal(out.exit_loops[b], expected)
+    assert len(set(out.exit_loops.ravel().tolist())) > 1

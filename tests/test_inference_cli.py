@@ -97,6 +97,8 @@ def test_invalid_utf8_prompt_is_one_line(checkpoints, tmp_path):
     (["--model=/nonexistent", "--prompt=x"], "no such directory"),
     (["--prompt=x"], "--model"),
     (["--model=.", "--prompt=x", "--kv_sharing=first"], "kv_sharing"),
+    (["--model=.", "--prompt=x", "--skipped_kv=zero"], "skipped_kv"),
+    (["--model=.", "--prompt=x", "--exit_policy=hidden"], "exit_policy"),
     (["--model=."], "exactly one of --prompt, --prompt_file, --prompt_ids"),
     (["--model=.", "--prompt_ids=1,a"], "integer token ids"),
     (["--model=.", "--prompt_ids=1", "--chat"], "need a text prompt"),

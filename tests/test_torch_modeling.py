@@ -184,14 +184,76 @@ def test_threshold_one_is_last_step_even_with_saturated_gates():
     assert (out.exit_pdf[0] == 1.0).all()  # lambda_0 rounds to 1: all mass on step 0
 
 
-def test_labels_loss():
+def _reference_losses(model, x, labels, beta):
+    """(released, stage1) next-token losses in float64 from the oracle: the CE of the exit-pdf-weighted
+    mixture of the steps' logits, and sum_t p_t CE_t - beta H(p); means over labels != -100."""
+    logits, gates = oracle_forward(model, x)  # [T, B, S, V], [T, B, S]
+    pdf = oracle.exit_pdf(gates)[:, :, :-1]
+    targets = labels[:, 1:].numpy()
+    used = targets != -100
+    safe = np.where(used, targets, 0)
+    mixture = np.einsum("tbsv,tbs->bsv", logits[:, :, :-1], pdf)
+    released = oracle.cross_entropy(mixture, safe)[used].mean()
+    per_step = np.stack([oracle.cross_entropy(step[:, :-1], safe) for step in logits])
+    entropy = -(pdf * np.log(pdf)).sum(0)
+    stage1 = ((pdf * per_step).sum(0) - beta * entropy)[used].mean()
+    return released, stage1
+
+
+def test_labels_loss_is_the_released_one_by_default_and_stage1_on_request():
     model = make_model().train()
     x = ids(2, 8)
-    out = model(x, labels=x, exit_at_step=1)
-    ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 128), x[:, 1:].reshape(-1))
-    assert torch.allclose(out.loss, ref)
+    labels = x.clone()
+    labels[0, 3] = labels[1, 6] = -100
+    released, stage1 = _reference_losses(model, x, labels, beta=0.3)
+    # the loss does not depend on the step selection of the returned logits
+    for kwargs in ({}, {"exit_at_step": 1}, {"exit_threshold": 0.5}):
+        out = model(x, labels=labels, **kwargs)
+        np.testing.assert_allclose(out.loss.item(), released, rtol=1e-5)
+    out = model(x, labels=labels, loss_objective="stage1", entropy_beta=0.3)
+    np.testing.assert_allclose(out.loss.item(), stage1, rtol=1e-5)
+    assert abs(released - stage1) > 1e-3  # the two objectives differ on this model
+    # transformers' gradient accumulation: the sum over labelled tokens / num_items_in_batch
+    summed = model(x, labels=labels, num_items_in_batch=torch.tensor(7.0)).loss
+    np.testing.assert_allclose(summed.item(), released * 12 / 7, rtol=1e-5)  # 14 targets, 2 ignored
     out.loss.backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.model.early_exit_gate.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="loss_objective"):
+        model(x, labels=labels, loss_objective="stage2")
+
+
+def test_weighted_exit_and_config_exit_step_are_honoured():
+    x = ids(2, 8)
+    model = make_model(early_exit_step=2)
+    with torch.no_grad():
+        full = model(x, output_all_steps=True, exit_at_step=3)
+        assert (model(x).exit_steps == 2).all()  # config.early_exit_step wins over the threshold
+        np.testing.assert_allclose(model(x, exit_threshold=0.0).logits.numpy(),
+                                   full.all_step_logits[2].numpy(), atol=1e-6)
+        assert (model(x, exit_at_step=0).exit_steps == 0).all()  # the argument wins over the config
+        model.config.early_exit_step = None
+        # with a threshold (the config's 1.0 by default) the weighted exit is not used ...
+        assert (model(x, use_weighted_exit=True).exit_steps == 3).all()
+        model.config.early_exit_threshold = None
+        weighted = model(x, use_weighted_exit=True)
+        assert (model(x).exit_steps == 3).all()
+    # ... without one it returns the exit-pdf-weighted mixture of the steps' logits
+    logits, gates = oracle_forward(model, x)
+    expected = np.einsum("tbsv,tbs->bsv", logits, oracle.exit_pdf(gates))
+    assert weighted.exit_steps is None
+    np.testing.assert_allclose(weighted.logits.numpy(), expected, atol=1e-5)
+
+
+def test_unknown_keyword_arguments_are_rejected(model):
+    x = ids(1, 4)
+    with pytest.raises(TypeError, match="'use_weigthed_exit'"):
+        model(x, use_weigthed_exit=True)
+    with pytest.raises(TypeError, match="'exit_step', 'foo'"):
+        model.model(x, foo=1, exit_step=2)
+    with torch.no_grad():  # what generate / Trainer pass is accepted
+        model(x, return_dict=True, cache_position=torch.arange(4), output_attentions=False,
+              output_hidden_states=False)
 
 
 @pytest.mark.parametrize("padded", [False, True])

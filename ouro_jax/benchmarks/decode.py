@@ -14,11 +14,13 @@
                 decode step per token as in generation). Each decode step's token is the model's answer
                 at the last position so far; answer accuracy = agreement with the p-hop target over the
                 positions whose hop chain exists. Decode time per decoded token under Q-exit (a sweep of
-                q, arXiv:2510.25741 §3.4) and the hidden-state-delta rule vs full depth, as the marginal
+                q, arXiv:2510.25741 §3.4) with each skipped-loop K/V policy (`generate(skipped_kv=...)`;
+                "agree" = % of answers equal to the "compute" policy's at the same q, the released
+                code's semantics) and the relative hidden-state-delta rule vs full depth, as the marginal
                 time per token (the policy-independent fixed cost of a decode call is subtracted, and
                 also shown included); reports the largest saving by a q whose answer accuracy is within
                 1 point of full depth. A last table shows skipping at a realistic per-loop cost
-                (cpu_benchmark shape, random weights).
+                (cpu_benchmark shape, random weights), per skipped-loop K/V policy.
 
 Why batch-8 decode trails HF's speed-up at batch 1: with static shapes every decoded token reads all M
 decoded positions of all T x N caches (masked); HF's dynamic cache reads only the filled part.
@@ -34,7 +36,7 @@ from flax import nnx
 
 from ouro_jax.benchmarks.common import Result, table, wall
 from ouro_jax.data.tasks import PHop, phop_targets
-from ouro_jax.inference.decode import generate
+from ouro_jax.inference.decode import SKIPPED_KV, generate
 from ouro_jax.model import config as configs
 from ouro_jax.model.ouro import Ouro
 
@@ -172,19 +174,24 @@ def _exit_table(model, x, prompt_len, settings, batch, hops, repeats) -> list[di
         acc, last = _answer_accuracy(x, np.concatenate([r.tokens for r in o]), hops)
         result.append(dict(
             name=name, acc=acc, last=last, depth=float(exit_loops[exit_loops > 0].mean()),
+            tokens=np.concatenate([r.tokens for r in o]),
             executed=sum(r.stats.loops_run for r in o) / sum(r.stats.loops_full_depth for r in o),
             us=1e6 * (sum(times[name]) - fixed * len(chunks)) / decoded,
             us_total=1e6 * sum(times[name]) / decoded))
-    for row in result:
+    tokens = {name: row.pop("tokens") for row, (name, _) in zip(result, settings, strict=True)}
+    for row, (name, kwargs) in zip(result, settings, strict=True):
         row["saved"] = 100 * (1 - row["us"] / result[0]["us"])
         row["saved_total"] = 100 * (1 - row["us_total"] / result[0]["us_total"])
+        exact = next((n for n, k in settings if k == {**kwargs, "skipped_kv": "compute"}), None)
+        row["agree"] = exact and 100 * float((tokens[name] == tokens[exact]).mean())
     return result
 
 
 def exit_policies(*, repeats: int, run_dir: str | None, train_steps: int = 1500, examples: int = 256,
-                  batches: list[int], thresholds: list[float], deltas: list[float]) -> Result:
-    """Answer accuracy vs decode time of Q-exit and hidden-delta exit on a trained p-hop model, and
-    the skipping mechanism at the cpu_benchmark shape (module docstring)."""
+                  batches: list[int], thresholds: list[float], deltas: list[float],
+                  skipped_kv: tuple[str, ...] = SKIPPED_KV) -> Result:
+    """Answer accuracy vs decode time of Q-exit (with each `skipped_kv` policy) and hidden-delta exit on
+    a trained p-hop model, and the skipping mechanism at the cpu_benchmark shape (module docstring)."""
     from ouro_jax import run
     from ouro_jax.convert.pretrained import from_pretrained
 
@@ -195,9 +202,10 @@ def exit_policies(*, repeats: int, run_dir: str | None, train_steps: int = 1500,
     x = PHop(n=n, p=phop.p, alphabet=phop.alphabet, seed=12345, stream=1).batch(range(examples))["input_ids"]
     prompt_len = n // 2
     settings = ([("full depth", {})]
-                + [(f"Q-exit q={q}", {"exit_threshold": float(q)}) for q in thresholds]
-                + [(f"hidden delta eps={e}", {"exit_policy": "hidden_delta", "hidden_delta_eps": float(e)})
-                   for e in deltas])
+                + [(f"Q-exit q={q} {kv}", {"exit_threshold": float(q), "skipped_kv": kv})
+                   for q in thresholds for kv in skipped_kv]
+                + [(f"relative hidden delta eps={e}",
+                    {"exit_policy": "hidden_delta_relative", "hidden_delta_eps": float(e)}) for e in deltas])
     sections, figures = [], {"run_dir": str(run_dir), "examples": examples, "prompt_len": prompt_len,
                              "seq_len": n, "hops": phop.p, "repeats": repeats, "batches": []}
     for batch in batches:
@@ -212,27 +220,29 @@ def exit_policies(*, repeats: int, run_dir: str | None, train_steps: int = 1500,
             f"adaptive exit, batch {batch} ({examples} held-out {phop.p}-hop sequences of length {n}: "
             f"prompt {prompt_len}, then {n - prompt_len} decode steps answering positions "
             f"{prompt_len - 1}..{n - 1}; run {run_dir})\n\n"
-            + table(["policy", "answer acc %", "last-position acc %", "mean depth (loops)",
-                     "loops run / full depth", "µs / decoded token", "time saved",
+            + table(["policy", "answer acc %", "agree w/ compute %", "last-position acc %",
+                     "mean depth (loops)", "loops run / full depth", "µs / decoded token", "time saved",
                      "µs / decoded token incl. fixed call cost", "time saved incl. fixed"],
-                    [[r["name"], f"{r['acc']:.2f}", f"{r['last']:.2f}", f"{r['depth']:.2f}",
-                      f"{r['executed']:.2f}", f"{r['us']:.1f}", f"{r['saved']:.0f} %",
-                      f"{r['us_total']:.1f}", f"{r['saved_total']:.0f} %"] for r in rows])
+                    [[r["name"], f"{r['acc']:.2f}", "-" if r["agree"] is None else f"{r['agree']:.1f}",
+                      f"{r['last']:.2f}", f"{r['depth']:.2f}", f"{r['executed']:.2f}", f"{r['us']:.1f}",
+                      f"{r['saved']:.0f} %", f"{r['us_total']:.1f}", f"{r['saved_total']:.0f} %"]
+                     for r in rows])
             + f"\n\nFastest Q-exit within 1 point of full-depth answer accuracy: {verdict}")
         figures["batches"].append({"batch": batch, "policies": rows, "best_q_exit": best and best["name"]})
-    mechanism_text, mechanism = _exit_mechanism(repeats)
+    mechanism_text, mechanism = _exit_mechanism(repeats, skipped_kv)
     figures["mechanism"] = mechanism
     return Result("\n\n".join([*sections, mechanism_text]), figures)
 
 
-def _exit_mechanism(repeats: int) -> tuple[str, list[dict]]:
+def _exit_mechanism(repeats: int, skipped_kv: tuple[str, ...]) -> tuple[str, list[dict]]:
     """Skipping at a realistic loop cost: the cpu_benchmark shape (random weights, gate kernel x10 so
-    that tokens exit at various loops), batch 1, prompt 64, 64 new tokens; tokens are not meaningful,
-    only time against loops run is."""
+    that tokens exit at various loops), batch 1, prompt 64, 64 new tokens, per `skipped_kv` policy;
+    tokens are not meaningful, only time against loops run and the agreement with "compute" are."""
     model = _benchmark_model()
     model.early_exit_gate.kernel[...] = model.early_exit_gate.kernel[...] * 10
     prompts = np.random.default_rng(0).integers(3, model.config.vocab_size, (4, 64))
-    settings = [("full depth", {})] + [(f"Q-exit q={q}", {"exit_threshold": q}) for q in (0.9, 0.7, 0.5, 0.3)]
+    settings = [("full depth", {})] + [(f"Q-exit q={q} {kv}", {"exit_threshold": q, "skipped_kv": kv})
+                                       for q in (0.9, 0.7, 0.5, 0.3) for kv in skipped_kv]
     times = {name: [np.inf] * len(prompts) for name, _ in settings}
     outs = {name: [None] * len(prompts) for name, _ in settings}
     order = np.random.default_rng(0)
@@ -248,12 +258,16 @@ def _exit_mechanism(repeats: int) -> tuple[str, list[dict]]:
         figures.append({"name": name,
                         "executed": sum(s.loops_run for s in stats) / sum(s.loops_full_depth for s in stats),
                         "us": 1e6 * sum(times[name]) / (64 * len(prompts))})
-    for row in figures:
+    tokens = {name: np.concatenate([o.tokens for o in outs[name]]) for name, _ in settings}
+    for row, (name, kwargs) in zip(figures, settings, strict=True):
         row["saved"] = 100 * (1 - row["us"] / figures[0]["us"])
+        exact = next((n for n, k in settings if k == {**kwargs, "skipped_kv": "compute"}), None)
+        row["agree"] = exact and 100 * float((tokens[name] == tokens[exact]).mean())
     text = ("adaptive exit mechanism at the cpu_benchmark shape (random weights, batch 1, prompt 64, 64 new "
             "tokens; time per decoded token incl. the fixed call cost)\n\n"
-            + table(["policy", "loops run / full depth", "µs / decoded token", "time saved"],
-                    [[r["name"], f"{r['executed']:.2f}", f"{r['us']:.0f}", f"{r['saved']:.0f} %"]
-                     for r in figures]))
+            + table(["policy", "tokens agree w/ compute %", "loops run / full depth", "µs / decoded token",
+                     "time saved"],
+                    [[r["name"], "-" if r["agree"] is None else f"{r['agree']:.1f}", f"{r['executed']:.2f}",
+                      f"{r['us']:.0f}", f"{r['saved']:.0f} %"] for r in figures]))
     return text, figures
 

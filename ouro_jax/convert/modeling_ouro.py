@@ -194,11 +194,12 @@ class OuroModelOutput(ModelOutput):
 class OuroCausalLMOutput(ModelOutput):
     """Output of `OuroForCausalLM` (S' = positions kept by `logits_to_keep`).
 
-    loss: next-token cross-entropy of `logits` (when `labels` are given).
-    logits: [B, S', V] logits of the selected exit step of each token.
+    loss: next-token loss with `labels` (`OuroForCausalLM.forward`).
+    logits: [B, S', V] logits of the selected exit step of each token (or the weighted mixture).
     past_key_values: the per-step cache.
     exit_pdf: [T, B, S'] float32 exit distribution p(t) per token.
-    exit_steps: [B, S'] 0-based loop step whose logits were returned, per token.
+    exit_steps: [B, S'] 0-based loop step whose logits were returned, per token (None for the
+      weighted mixture).
     all_step_logits: [T, B, S', V] logits of every step (with `output_all_steps=True`).
     """
 
@@ -234,6 +235,19 @@ def q_exit_steps(gate_logits: torch.Tensor, threshold: float) -> torch.Tensor:
     reached = log_survival <= bound
     reached[-1] = True  # CDF(T-1) = 1
     return reached.int().argmax(dim=0)  # first step that reached q
+
+
+# Keyword arguments that transformers' `generate` and `Trainer` pass to `forward` besides the model's
+# own: accepted and ignored (`num_items_in_batch`: the loss's token count over gradient accumulation).
+_HF_PLUMBING = frozenset({"return_dict", "cache_position", "output_attentions", "output_hidden_states",
+                          "num_items_in_batch"})
+
+
+def _reject_unknown(kwargs: dict) -> None:
+    """TypeError naming every keyword argument that is neither the model's nor `_HF_PLUMBING`."""
+    unknown = sorted(set(kwargs) - _HF_PLUMBING)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
 
 
 class OuroPreTrainedModel(PreTrainedModel):
@@ -286,8 +300,10 @@ class OuroModel(OuroPreTrainedModel):
         cached + new tokens; position_ids [B, S] (default: from attention_mask, else cache length + i).
         past_key_values: a `DynamicCache` with one slot per (step, layer), slot = step * N + layer; a
         plain `DynamicCache()` grows its slots lazily, and a cache built from the config (N slots, as
-        `generate` makes it) is extended to T*N. Other kwargs (e.g. `return_dict`) are ignored.
+        `generate` makes it) is extended to T*N. Keyword arguments of transformers' plumbing
+        (`_HF_PLUMBING`, e.g. `return_dict`) are ignored; any other raises TypeError.
         """
+        _reject_unknown(kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, S, D]
@@ -323,6 +339,27 @@ class OuroModel(OuroPreTrainedModel):
         )
 
 
+LOSS_OBJECTIVES = ("released", "stage1")
+
+
+def _next_token_loss(per_token: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Mean of `per_token` [B, S-1] (the loss of predicting labels[:, 1:]) over the labels that are not
+    -100; with `num_items_in_batch` the sum divided by it (transformers' gradient-accumulation form)."""
+    mask = labels[:, 1:] != -100
+    total = per_token[mask].sum()
+    return total / (mask.sum() if num_items_in_batch is None else num_items_in_batch)
+
+
+def _token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy per position: logits [..., B, S, V], labels [B, S] -> [..., B, S-1]
+    float32 (0 where the label is -100)."""
+    targets = labels[:, 1:].to(logits.device)
+    logits = logits[..., :-1, :].float()
+    targets = targets.expand(logits.shape[:-1]).reshape(-1)
+    flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, reduction="none", ignore_index=-100)
+    return flat.reshape(logits.shape[:-1])
+
+
 class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
     """Ouro with its LM head and early-exit selection; usable with `generate`."""
 
@@ -345,19 +382,34 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         exit_at_step: int | None = None,
         exit_threshold: float | None = None,
+        use_weighted_exit: bool = False,
+        loss_objective: str = "released",
+        entropy_beta: float = 0.1,
         output_all_steps: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> OuroCausalLMOutput:
-        """Logits of each token's exit step.
+        """Logits of each token's exit step, as the released Ouro code selects them.
 
-        Step selection: `exit_at_step` (0-based) if given; else Q-exit with `exit_threshold`, or
-        `config.early_exit_threshold` when that is None (1.0: last step); else the last step.
-        Both can be passed to `generate(...)`. logits_to_keep: int n keeps the last n positions
-        (0: all), or a 1-D tensor of positions. labels [B, S]: loss is the mean next-token
-        cross-entropy of the returned logits (ignore index -100). Other arguments as in `OuroModel`;
-        further kwargs that `generate` sends (e.g. `return_dict`) are ignored.
+        Step selection, first that applies: `exit_at_step` (0-based), else `config.early_exit_step`
+        when set; else Q-exit with `exit_threshold`, or `config.early_exit_threshold` when that is None
+        (1.0: last step); else, with `use_weighted_exit`, the exit-pdf-weighted mixture of the steps'
+        logits sum_t p_t logits_t (`exit_steps` is then None); else the last step. (So with the default
+        early_exit_threshold = 1.0, `use_weighted_exit` acts only when the config's threshold is None,
+        as in the released code.) All of these can be passed to `generate(...)`.
+        logits_to_keep: int n keeps the last n positions (0: all), or a 1-D tensor of positions.
+
+        labels [B, S] (-100: ignored): next-token loss over the kept positions, independent of the step
+        selection. loss_objective "released" (default): the released code's, the cross-entropy of
+        the mixture of logits sum_t p_t logits_t; "stage1": the paper's Stage I objective (§3.3,
+        Eq. 4), sum_t p_t CE_t - entropy_beta * H(p) per token. Both are means over the labelled
+        tokens, or sums divided by `num_items_in_batch` when transformers' Trainer passes it.
+        Other arguments as in `OuroModel`; keyword arguments that `generate` / `Trainer` pass
+        (`_HF_PLUMBING`) are accepted, any other raises TypeError.
         """
+        _reject_unknown(kwargs)
+        if loss_objective not in LOSS_OBJECTIVES:
+            raise ValueError(f"loss_objective={loss_objective!r} must be one of {LOSS_OBJECTIVES}")
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -369,30 +421,46 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         states = out.hidden_states_per_step[:, :, keep]  # [T, B, S', D]
         gate_logits = out.gate_logits[:, :, keep]  # [T, B, S']
+        pdf = exit_pdf(gate_logits)  # [T, B, S'] float32
         steps = states.shape[0]
+        all_step_logits = None
+        if labels is not None or output_all_steps or use_weighted_exit:
+            all_step_logits = self.lm_head(states)  # [T, B, S', V]
+        if exit_at_step is None:
+            exit_at_step = getattr(self.config, "early_exit_step", None)
         threshold = self.config.early_exit_threshold if exit_threshold is None else exit_threshold
+        exit_steps = None
         if exit_at_step is not None:
             if not 0 <= exit_at_step < steps:
                 raise ValueError(f"exit_at_step must lie in [0, {steps}), got {exit_at_step}")
             exit_steps = torch.full(gate_logits.shape[1:], exit_at_step, device=states.device)
         elif threshold is not None:
             exit_steps = q_exit_steps(gate_logits, threshold)
-        else:
+        elif not use_weighted_exit:
             exit_steps = torch.full(gate_logits.shape[1:], steps - 1, device=states.device)
-        index = exit_steps[None, ..., None].expand(1, *states.shape[1:])
-        logits = self.lm_head(states.gather(0, index)[0])  # [B, S', V]
+        if exit_steps is None:
+            logits = torch.einsum("tbsv,tbs->bsv", all_step_logits.float(), pdf)
+        else:
+            index = exit_steps[None, ..., None].expand(1, *states.shape[1:])
+            logits = self.lm_head(states.gather(0, index)[0])  # [B, S', V]
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device)
-            )
+            labels = labels[:, keep]
+            items = kwargs.get("num_items_in_batch")
+            if loss_objective == "released":
+                mixture = torch.einsum("tbsv,tbs->bsv", all_step_logits.float(), pdf)
+                loss = _next_token_loss(_token_ce(mixture, labels), labels, items)
+            else:
+                entropy = -torch.special.xlogy(pdf, pdf).sum(0)[:, :-1]  # [B, S'-1]
+                per_token = (pdf[:, :, :-1] * _token_ce(all_step_logits, labels)).sum(0)
+                loss = _next_token_loss(per_token - entropy_beta * entropy, labels, items)
         return OuroCausalLMOutput(
             loss=loss,
             logits=logits,
             past_key_values=out.past_key_values,
-            exit_pdf=exit_pdf(gate_logits),
+            exit_pdf=pdf,
             exit_steps=exit_steps,
-            all_step_logits=self.lm_head(states) if output_all_steps else None,
+            all_step_logits=all_step_logits if output_all_steps else None,
         )
 
 

@@ -1,6 +1,7 @@
 """`python -m ouro_jax.inference`: generate with an Ouro model, streamed as it is produced.
 
     python -m ouro_jax.inference --model=PATH --prompt=TEXT [--chat] [--exit_threshold=q] [--kv_sharing=last]
+        [--skipped_kv=compute|project|copy] [--exit_policy=gate|hidden_delta|hidden_delta_relative]
         [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S]
     python -m ouro_jax.inference --model=PATH --prompt_file=FILE ...
     python -m ouro_jax.inference --model=PATH --prompt_ids=1,2,3 [--stop_ids=...] ...
@@ -25,7 +26,7 @@ from absl import flags
 from ouro_jax import cli
 from ouro_jax.convert.pretrained import from_pretrained
 from ouro_jax.inference.cache import SHARING
-from ouro_jax.inference.decode import EXIT_POLICIES, generate
+from ouro_jax.inference.decode import DEFAULT_SKIPPED_KV, EXIT_POLICIES, SKIPPED_KV, generate
 
 _MODEL = flags.DEFINE_string("model", None, "ouro_jax run directory or Hugging Face Ouro directory.")
 _PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.")
@@ -39,8 +40,11 @@ _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generat
 _EXIT_THRESHOLD = flags.DEFINE_float("exit_threshold", None, "Q-exit q in [0, 1] on the gate's CDF.")
 _EXIT_AT_LOOP = flags.DEFINE_integer("exit_at_loop", None, "Run loops 1..k for every token (k in 1..T).")
 _EXIT_POLICY = flags.DEFINE_enum("exit_policy", "gate", EXIT_POLICIES, "Adaptive exit rule.")
-_HIDDEN_DELTA_EPS = flags.DEFINE_float("hidden_delta_eps", 0.05, "Threshold of --exit_policy=hidden_delta.")
+_HIDDEN_DELTA_EPS = flags.DEFINE_float("hidden_delta_eps", 0.05, "Threshold of --exit_policy=hidden_delta "
+                                        "(absolute ||h_t - h_t-1||) and hidden_delta_relative.")
 _KV_SHARING = flags.DEFINE_enum("kv_sharing", "none", SHARING, "Decode-time KV sharing.")
+_SKIPPED_KV = flags.DEFINE_enum("skipped_kv", DEFAULT_SKIPPED_KV, SKIPPED_KV,
+                                "K/V of the loops an early-exiting token skips (see generate).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Sample from the k most likely tokens.")
 _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling probability mass.")
@@ -145,6 +149,7 @@ def main(argv):
     out = generate(model, [ids], _MAX_NEW_TOKENS.value, exit_threshold=_EXIT_THRESHOLD.value,
                    exit_at_loop=_EXIT_AT_LOOP.value, exit_policy=_EXIT_POLICY.value,
                    hidden_delta_eps=_HIDDEN_DELTA_EPS.value, kv_sharing=_KV_SHARING.value,
+                   skipped_kv=_SKIPPED_KV.value,
                    temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value,
                    stop_tokens=stop, on_token=stream)
     stream.flush(final=True)

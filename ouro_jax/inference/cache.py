@@ -23,9 +23,12 @@ Which K/V a query reads, for the token being decoded at loop index t, layer l:
 Shared entry of a token ("last"): its K/V of the last loop it ran; ("average"): the mean of its K/V over
 the loops it ran (indices 0..e for a token that exited at loop index e).
 
-Skipped loops: a token that exits at loop index e < T-1 never runs loops e+1..T-1; with sharing "none"
-their slots get a copy of its loop-e K/V (`fill_skipped`), so later tokens that run those loops attend
-to the token's last computed state (the Huginn "latest" policy; the paper leaves this open).
+Skipped loops: with sharing "none", the slots of loops e+1..T-1 of a token that exits at loop index
+e < T-1 hold what `generate(skipped_kv=...)` chooses (the decoder fills them before `KVCache.write`):
+"compute" runs those loops anyway (the released code's semantics: real K/V, the exit picks only the
+logits); "project" stores, per layer, the K/V that layer would compute from the exit state (its input
+norm and K/V projections, as CALM does for skipped layers); "copy" stores the loop-e K/V
+(`fill_skipped`, the Huginn "latest" policy). The paper leaves this open.
 """
 
 from __future__ import annotations
@@ -39,17 +42,19 @@ from ouro_jax.model.exits import select_loop
 SHARING = ("none", "last", "average")
 
 
-def fill_skipped(x: jax.Array, exit_loop: jax.Array, batch_axis: int) -> jax.Array:
-    """Copy each row's exit-loop entry into the loops it skipped.
+def fill_skipped(x: jax.Array, exit_loop: jax.Array, batch_axis: int, fill: jax.Array | None = None
+                 ) -> jax.Array:
+    """Fill the loops each row skipped.
 
     x [T, ...] one token's per-loop values (entries after a row's exit loop are don't-care), rows on
-    `batch_axis`; exit_loop [B] int, the loop index each row ran last -> x with indices > exit_loop filled.
+    `batch_axis`; exit_loop [B] int, the loop index each row ran last; fill: x's shape without the
+    leading T axis (default: each row's exit-loop entry, a copy) -> x with indices > exit_loop set to fill.
     """
     shape = [1] * x.ndim
     shape[batch_axis] = exit_loop.shape[0]
     loops = jnp.arange(x.shape[0]).reshape(-1, *[1] * (x.ndim - 1))
     ran = loops <= exit_loop.reshape(shape)
-    return jnp.where(ran, x, select_loop(x, exit_loop, batch_axis)[None])
+    return jnp.where(ran, x, select_loop(x, exit_loop, batch_axis)[None] if fill is None else fill[None])
 
 
 def share(kv: jax.Array, exit_loop: jax.Array, sharing: str) -> jax.Array:
@@ -100,10 +105,16 @@ class KVCache:
         return self.decode_k[slot], self.decode_v[slot]
 
     def write(self, position: jax.Array, k: jax.Array, v: jax.Array, exit_loop: jax.Array) -> KVCache:
-        """Store one decoded token at `position`. k, v [T, N, B, K, H] as computed (skipped loops are
-        don't-care); exit_loop [B] the loop index each row ran last."""
+        """Store one decoded token at `position`.
+
+        k, v [T, N, B, K, H]: with sharing "none" the entries of every (loop, layer) slot, skipped loops
+        already filled (`fill_skipped`, or by the decoder's `skipped_kv` policy); with "last" /
+        "average" loops after a row's exit loop are don't-care. exit_loop [B]: the loop index each row
+        ran last, -1 for a row that had finished (its entry is never read; it is stored as if it had
+        exited after loop 1, so that every entry stays finite: no 0/0 in "average").
+        """
+        exit_loop = jnp.maximum(exit_loop, 0)
         if self.sharing == "none":
-            k, v = fill_skipped(k, exit_loop, 2), fill_skipped(v, exit_loop, 2)
             k, v = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])  # [T*N, B, K, H]
         else:
             k, v = share(k, exit_loop, self.sharing), share(v, exit_loop, self.sharing)  # [N, B, K, H]

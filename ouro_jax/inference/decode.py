@@ -23,15 +23,21 @@ the layers' `attend` hook differs:
            the last position at its exit loop (the policy applied to the already computed loops:
            prefill saves no compute).
   decode   `lax.while_loop` over tokens, stopping when all rows are done or M tokens exist; attention is
-           `_cached_attention` over the cache. A token's T loops are unrolled and loop index t > 0 runs
-           under `lax.cond` only while some unfinished row has not exited (`policies.py`): a bounded
-           recurrence whose remaining loops are skipped, not computed. (Unrolling lets every loop address
-           its own cache slots statically; a dynamic loop index would copy the loop's whole cache slice
-           each time.) A fixed depth (full, or `exit_at_loop`) runs its loops without conds: on CPU a
-           cond costs a few µs, which only matters for tiny models. A row that exits earlier than others
-           keeps its state: its hidden state (hence logits) stays frozen at its exit loop and its K/V for
-           the skipped loops are copies of the exit loop's (`cache.py`). Exited rows still ride along in
-           the batched computation of the loops others run (static shapes); their results are discarded.
+           `_cached_attention` over the cache. A token's T loops are unrolled (unrolling lets every
+           loop address its own cache slots statically; a dynamic loop index would copy the loop's
+           whole cache slice each time). The exit policy (`policies.py`) picks each row's exit loop,
+           whose state (hence logits) is frozen there. What happens to the loops after it is
+           `skipped_kv` (`SKIPPED_KV`, with kv_sharing "none"):
+             compute  every loop runs for every row, so every (loop, layer) slot holds real K/V: the
+                      released code's semantics, no compute saved;
+             project  loop index t > 0 runs under `lax.cond` only while some unfinished row has not
+                      exited, so loops no row needs are skipped; a skipped loop's slots get, per layer,
+                      the K/V of the exit state through that layer's input norm and K/V projections
+                      (`DecoderLayer.kv`, N small matmuls per token);
+             copy     skipped as in project; the slots get copies of the exit loop's K/V.
+           A fixed depth (full, or `exit_at_loop`) runs its loops without conds: on CPU a cond costs a
+           few µs, which only matters for tiny models. Exited rows still ride along in the batched
+           computation of the loops others run (static shapes); their results are discarded.
 """
 
 from __future__ import annotations
@@ -54,17 +60,22 @@ from ouro_jax.inference.sampling import row_keys, sample
 from ouro_jax.model.exits import select_loop
 from ouro_jax.model.layers import masked_attention, rope_cos_sin
 
-EXIT_POLICIES = ("gate", "hidden_delta")
+EXIT_POLICIES = ("gate", "hidden_delta", "hidden_delta_relative")
+SKIPPED_KV = ("compute", "project", "copy")  # the K/V of the loops a token skips (`generate`)
+DEFAULT_SKIPPED_KV = "project"  # why: the `generate` docstring
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
-    """Static settings of one compiled generation (part of the compilation key). loop_logits: keep every
+    """Static settings of one compiled generation (part of the compilation key). skipped_kv: the K/V of
+    skipped loops (`SKIPPED_KV`; "copy" also under kv_sharing "last" / "average", where a decoded token
+    has no per-loop slots to fill and skipped loops are never computed); loop_logits: keep every
     loop's logits; stream: the decode loop reports every token to the `on_token` callback registered
     under `Knobs.stream_id`."""
 
     policy: ExitPolicy
     kv_sharing: str
+    skipped_kv: str
     max_new_tokens: int
     greedy: bool
     top_k: int | None
@@ -246,10 +257,12 @@ def _prefill(graphdef, spec: DecodeSpec, params, input_ids, lengths, keys, force
 def _decode_token(model, layers, spec: DecodeSpec, state: DecodeState, threshold):
     """Run token `state.index - 1` (fed back at position index - 1) through its adaptive recurrence.
 
-    The T loops are unrolled (each reads its own cache slots) and loop index t > 0 runs under `lax.cond`
-    only while some unfinished row has not exited, so loops no row needs are skipped.
-    Returns (logits [B, V] of each row's exit loop, exit_index [B], k, v [T, N, B, K, H] per loop,
-    loops run (scalar), per-loop logits [T, B, V] or None).
+    The T loops are unrolled (each reads its own cache slots). With skipped_kv "compute" every loop
+    runs for every row; otherwise loop index t > 0 runs under `lax.cond` only while some unfinished row
+    has not exited, so loops no row needs are skipped. The recurrence state h always advances (rows that
+    exited ride along in the batch); each row's exit state is frozen at its exit loop.
+    Returns (logits [B, V] of each row's exit loop, exit_index [B], k, v [T, N, B, K, H] per loop with
+    the skipped loops filled by `spec.skipped_kv`, loops run (scalar), per-loop logits [T, B, V] or None).
     """
     cfg = model.config
     cache, position = state.cache, state.index - 1
@@ -263,42 +276,49 @@ def _decode_token(model, layers, spec: DecodeSpec, state: DecodeState, threshold
         decoded_valid=jnp.arange(spec.max_new_tokens) < position, scale=cfg.head_dim ** -0.5)
 
     def run_loop(t, carry):
-        h, exited, exit_index, policy_state, loops_run = carry
+        h, h_exit, exited, exit_index, policy_state, loops_run = carry
 
         def layer_fn(layer, x, i):
             cached = (*cache.prompt(t, i), *cache.decoded(t, i))
             x, (k, v) = layer.with_kv(x, cos, sin, functools.partial(attend, cached=cached))
             return x, (k[:, 0], v[:, 0])
 
-        h_new, (k, v) = _apply_layers(layers, layer_fn, h)
-        h_new = model.norm(h_new)
-        exit_now, policy_state = spec.policy.update(policy_state, t, h_new[:, 0],
-                                                    model.gate_logit(h_new)[:, 0], threshold)
+        h, (k, v) = _apply_layers(layers, layer_fn, h)
+        h = model.norm(h)
+        exit_now, policy_state = spec.policy.update(policy_state, t, h[:, 0], model.gate_logit(h)[:, 0],
+                                                    threshold)
         running = ~exited
-        carry = (jnp.where(running[:, None, None], h_new, h), exited | exit_now,
+        carry = (h, jnp.where(running[:, None, None], h, h_exit), exited | exit_now,
                  jnp.where(running, t, exit_index), policy_state, loops_run + 1)
-        return carry, (jnp.stack(k), jnp.stack(v), model.logits(h_new)[:, 0] if spec.loop_logits else None)
+        return carry, (jnp.stack(k), jnp.stack(v), model.logits(h)[:, 0] if spec.loop_logits else None)
 
     x = model.embed(tokens)
-    carry = (x, state.done, jnp.zeros((b,), jnp.int32), spec.policy.init(x[:, 0]), jnp.int32(0))
+    carry = (x, x, state.done, jnp.zeros((b,), jnp.int32), spec.policy.init(x[:, 0]), jnp.int32(0))
     kv_zeros = jnp.zeros((cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim), x.dtype)
     skipped = (kv_zeros, kv_zeros, jnp.zeros((b, cfg.vocab_size), jnp.float32) if spec.loop_logits else None)
     outputs = []
     for t in range(spec.policy.num_loops):
         # Some row is unfinished (else the token loop has stopped), so loop 1 always runs, and so does
-        # every loop of the "fixed" policy, which exits no row early: no cond (and its cost) there.
-        if t == 0 or spec.policy.kind == "fixed":
+        # every loop of "compute" and of the "fixed" policy, which exits no row early: no cond (and its
+        # cost) there.
+        if t == 0 or spec.policy.kind == "fixed" or spec.skipped_kv == "compute":
             carry, out = run_loop(t, carry)
         else:
-            carry, out = jax.lax.cond(jnp.all(carry[1]), lambda c: (c, skipped),
+            carry, out = jax.lax.cond(jnp.all(carry[2]), lambda c: (c, skipped),
                                       functools.partial(run_loop, t), carry)
         outputs.append(out)
-    h, _, exit_index, _, loops_run = carry
+    _, h_exit, _, exit_index, _, loops_run = carry
     k, v, loop_logits = (None if per_loop[0] is None else jnp.stack(per_loop)
                          for per_loop in zip(*outputs, strict=True))
-    if loop_logits is not None:
+    if spec.skipped_kv == "copy":
+        k, v = fill_skipped(k, exit_index, 2), fill_skipped(v, exit_index, 2)
+    elif spec.skipped_kv == "project":  # every skipped loop gets the K/V of the exit state, per layer
+        projected = [layer.kv(h_exit, cos, sin) for layer in layers]
+        k, v = (fill_skipped(x, exit_index, 2, jnp.stack([kv[i][:, 0] for kv in projected]))
+                for i, x in enumerate((k, v)))
+    if loop_logits is not None and spec.skipped_kv != "compute":
         loop_logits = fill_skipped(loop_logits, exit_index, 1)
-    return model.logits(h)[:, 0], exit_index, k, v, loops_run, loop_logits
+    return model.logits(h_exit)[:, 0], exit_index, k, v, loops_run, loop_logits
 
 
 def _decode(graphdef, spec: DecodeSpec, params, state: DecodeState, knobs: Knobs) -> DecodeState:
@@ -413,18 +433,18 @@ def _policy(num_loops, exit_threshold, exit_at_loop, exit_policy, hidden_delta_e
         raise ValueError(f"exit_policy={exit_policy!r} must be one of {EXIT_POLICIES}")
     if exit_at_loop is not None:
         if exit_threshold is not None or exit_policy != "gate":
-            raise ValueError("exit_at_loop fixes the depth: do not combine it with exit_threshold or "
-                             "exit_policy='hidden_delta'")
+            raise ValueError("exit_at_loop fixes the depth: do not combine it with exit_threshold or a "
+                             "hidden_delta exit_policy")
         if not 1 <= exit_at_loop <= num_loops:
             raise ValueError(f"exit_at_loop={exit_at_loop} must lie in [1, {num_loops}]")
         return ExitPolicy("fixed", exit_at_loop), 0.0
-    if exit_policy == "hidden_delta":
+    if exit_policy != "gate":
         if exit_threshold is not None:
-            raise ValueError("exit_threshold is the gate's q; exit_policy='hidden_delta' uses "
+            raise ValueError(f"exit_threshold is the gate's q; exit_policy={exit_policy!r} uses "
                              "hidden_delta_eps")
         if not hidden_delta_eps > 0:
             raise ValueError(f"hidden_delta_eps={hidden_delta_eps} must be > 0")
-        return ExitPolicy("hidden_delta", num_loops), hidden_delta_eps
+        return ExitPolicy(exit_policy, num_loops), hidden_delta_eps
     if exit_threshold is None:
         return ExitPolicy("fixed", num_loops), 0.0
     if not 0.0 <= exit_threshold <= 1.0:
@@ -434,10 +454,12 @@ def _policy(num_loops, exit_threshold, exit_at_loop, exit_policy, hidden_delta_e
 
 def _settings(config, max_new_tokens: int, *, exit_threshold, exit_at_loop, exit_policy, hidden_delta_eps,
               kv_sharing, temperature, top_k, top_p, stop_tokens, pad_id, output_loop_logits,
-              stream: bool) -> tuple[DecodeSpec, Knobs]:
+              stream: bool, skipped_kv: str = DEFAULT_SKIPPED_KV) -> tuple[DecodeSpec, Knobs]:
     """generate's settings, validated, split into the static `DecodeSpec` and the traced `Knobs`."""
     if kv_sharing not in SHARING:
         raise ValueError(f"kv_sharing={kv_sharing!r} must be one of {SHARING}")
+    if skipped_kv not in SKIPPED_KV:
+        raise ValueError(f"skipped_kv={skipped_kv!r} must be one of {SKIPPED_KV}")
     if temperature < 0 or (top_k is not None and not 1 <= top_k <= config.vocab_size) or (
             top_p is not None and not 0 < top_p <= 1):
         raise ValueError(f"need temperature >= 0, 1 <= top_k <= vocab, 0 < top_p <= 1; got "
@@ -445,7 +467,9 @@ def _settings(config, max_new_tokens: int, *, exit_threshold, exit_at_loop, exit
     policy, threshold = _policy(config.total_ut_steps, exit_threshold, exit_at_loop, exit_policy,
                                 hidden_delta_eps)
     greedy = temperature == 0
-    spec = DecodeSpec(policy=policy, kv_sharing=kv_sharing, max_new_tokens=max_new_tokens, greedy=greedy,
+    spec = DecodeSpec(policy=policy, kv_sharing=kv_sharing,
+                      skipped_kv=skipped_kv if kv_sharing == "none" else "copy",
+                      max_new_tokens=max_new_tokens, greedy=greedy,
                       top_k=None if greedy else top_k, top_p=not greedy and top_p is not None,
                       pad_id=pad_id, loop_logits=output_loop_logits, stream=stream)
     knobs = Knobs(*(jnp.float32(x) for x in (threshold, temperature if not greedy else 1.0,
@@ -485,6 +509,7 @@ def generate(
     exit_policy: str = "gate",
     hidden_delta_eps: float = 0.05,
     kv_sharing: str = "none",
+    skipped_kv: str = DEFAULT_SKIPPED_KV,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -505,9 +530,22 @@ def generate(
       exit_threshold: Q-exit q in [0, 1] on the gate's CDF (exit_policy "gate"); None: full depth.
       exit_at_loop: k in 1..T: every token runs loops 1..k and uses loop k's logits; loops after k are
         never computed.
-      exit_policy: "gate" (Q-exit) or "hidden_delta" (exit once ||h_t - h_{t-1}|| / ||h_{t-1}|| <
-        hidden_delta_eps, from loop 2 on).
+      exit_policy: "gate" (Q-exit), "hidden_delta" (the paper's rule, §5.4.1: exit once
+        ||h_t - h_{t-1}||_2 < hidden_delta_eps, from loop 2 on; h_t is the normed state, so eps is in
+        units of ||h||, about sqrt(D) for unit RMS) or "hidden_delta_relative" (exit once
+        ||h_t - h_{t-1}||_2 < hidden_delta_eps * ||h_{t-1}||_2); see `policies.py`.
       kv_sharing: "none" | "last" | "average" decode-time KV sharing (`cache.py`).
+      skipped_kv: what later tokens read at the loops an early-exiting token skipped (kv_sharing
+        "none"; with sharing a decoded token has one entry per layer and skipped loops never run):
+        "compute" runs every loop for every token and uses the exit only to pick the logits, exactly the
+        released code (identical tokens to the exported PyTorch model's `generate(exit_threshold=q)`),
+        but saves no compute; "project" skips the loops and fills their slots with each layer's K/V of
+        the exit state (input norm + K/V projections, as CALM does for skipped layers); "copy" skips
+        them and fills them with the exit loop's K/V. Default "project": on the trained p-hop demo
+        (`python -m ouro_jax.benchmarks --bench=decode.exit`, q = 0.9 / 0.5 / 0.2) its answers agreed
+        100 % with "compute" at every q (copy: 99.4-99.7 %, up to 0.5 points less accurate) while
+        running 0.76-0.84 of the loops at q = 0.2 (compute: all); at the cpu_benchmark shape with
+        random weights it saved 4-28 % of decode time (copy 33-54 %, compute none).
       temperature: 0 is greedy; otherwise sampling with `top_k` / `top_p`, keys from `seed` (an int, or
         one per row; see `sampling.py`).
       stop_tokens: a row stops after generating one of these (kept in its output), then gets `pad_id`.
@@ -526,8 +564,8 @@ def generate(
     spec, knobs = _settings(
         cfg, max_new_tokens, exit_threshold=exit_threshold, exit_at_loop=exit_at_loop,
         exit_policy=exit_policy, hidden_delta_eps=hidden_delta_eps, kv_sharing=kv_sharing,
-        temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens, pad_id=pad_id,
-        output_loop_logits=output_loop_logits, stream=on_token is not None)
+        skipped_kv=skipped_kv, temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens,
+        pad_id=pad_id, output_loop_logits=output_loop_logits, stream=on_token is not None)
     seeds = np.broadcast_to(np.asarray(seed, np.uint32), (ids.shape[0],))
     state, *timings = _execute(model, spec, knobs, ids, lengths, seeds, forced, on_token)
     return _output(state, spec, *timings)

@@ -1,13 +1,16 @@
 """Per-token exit policies evaluated loop by loop while a token runs its recurrence
-(arXiv:2510.25741 §3.2 Q-exit; the hidden-state-change heuristic of its Fig. 5).
+(arXiv:2510.25741 §3.2 Q-exit; the hidden-state-difference threshold of its §5.4.1 / Fig. 5).
 
 `t` is the 0-based loop index (t = 0 is loop 1) of the loop just run. After it a row exits when:
   "fixed"         t == num_loops - 1: full depth, or `exit_at_loop=k` (num_loops = k);
   "gate"          Q-exit: CDF(t) >= q on the survival S_t = prod_{j<=t} (1 - lambda_j),
                   lambda_j = sigmoid(gate_j), tested by `exits.cdf_reaches` as in `exits.q_exit_loop`,
                   so q = 1 never exits before the last loop and q = 0 always exits after loop 1;
-  "hidden_delta"  training-free: t >= 1 and ||h_t - h_{t-1}|| / ||h_{t-1}|| < eps, with h_t the normed
-                  state after loop index t (loop 1 has no previous loop state and never exits this way).
+  "hidden_delta"  training-free, the paper's form: t >= 1 and ||h_t - h_{t-1}||_2 < eps, with h_t the
+                  normed state after loop index t (loop 1 has no previous loop state and never exits
+                  this way); eps is in the units of ||h|| (about sqrt(D) for a state of unit RMS);
+  "hidden_delta_relative"  the scale-free variant: t >= 1 and ||h_t - h_{t-1}||_2 < eps ||h_{t-1}||_2.
+(`ouro_jax.evaluate` sweeps the same two rules after the fact as "hidden_abs" and "hidden_rel".)
 Every policy exits after its last loop (index num_loops - 1).
 """
 
@@ -20,7 +23,7 @@ import jax.numpy as jnp
 
 from ouro_jax.model import exits
 
-KINDS = ("fixed", "gate", "hidden_delta")
+KINDS = ("fixed", "gate", "hidden_delta", "hidden_delta_relative")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,9 +52,11 @@ class ExitPolicy:
         exit_now = jnp.asarray(loop) == self.num_loops - 1
         if self.kind == "gate":
             exit_now = exit_now | exits.cdf_reaches(log_survival, threshold)
-        elif self.kind == "hidden_delta":
+        elif self.kind.startswith("hidden_delta"):
             change = jnp.linalg.norm(hidden - previous, axis=-1)
-            exit_now = exit_now | ((loop > 0) & (change < threshold * jnp.linalg.norm(previous, axis=-1)))
+            if self.kind == "hidden_delta_relative":
+                threshold = threshold * jnp.linalg.norm(previous, axis=-1)
+            exit_now = exit_now | ((loop > 0) & (change < threshold))
         return jnp.broadcast_to(exit_now, gate_logit.shape), (log_survival, hidden)
 
     def first_exit(self, hidden: jax.Array, gate_logits: jax.Array, threshold: jax.Array) -> jax.Array:

@@ -172,6 +172,14 @@ class Attention(nnx.Module):
         kernels = [proj.kernel[...] for proj in (self.q_proj, self.k_proj, self.v_proj)]
         self.qkv_kernel = jnp.concatenate(kernels, axis=1).astype(self.q_proj.dtype)
 
+    def kv(self, x, cos, sin) -> tuple[jax.Array, jax.Array]:
+        """Only the keys and values of tokens x [B, S, D] (no queries, no attention): (k, v)
+        [B, S, K, H], k after RoPE with cos, sin [B, S, 1, H], from the unfused k_proj / v_proj."""
+        b, s, d = x.shape
+        tokens = x.reshape(b * s, d)
+        k, v = (proj(tokens).reshape(b, s, *proj.kernel.shape[1:]) for proj in (self.k_proj, self.v_proj))
+        return apply_rope(k, cos, sin), v
+
     def __call__(self, x, cos, sin, attend: Attend | None = None):
         """x [B, S, D]; cos, sin [B, S, 1, H]; attend: `Attend` (None: causal `masked_attention`)
         -> (out [B, S, D], (k, v) [B, S, K, H] of these tokens, after RoPE)."""
@@ -245,6 +253,11 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, attend: Attend | None = None) -> jax.Array:
         """x [B, S, D]; cos, sin [B, S, 1, H]; attend: `Attend` (None: causal) -> [B, S, D]."""
         return self.with_kv(x, cos, sin, attend)[0]
+
+    def kv(self, x, cos, sin) -> tuple[jax.Array, jax.Array]:
+        """The (k, v) [B, S, K, H] this layer's attention would cache for input x [B, S, D]: its input
+        norm and K/V projections (+RoPE) only, no attention or MLP (CALM's K/V of skipped layers)."""
+        return self.self_attn.kv(self.input_layernorm(x), cos, sin)
 
     def with_kv(self, x, cos, sin, attend: Attend | None = None):
         """As `__call__`, also returning the layer's (k, v) [B, S, K, H] (after RoPE) for a KV cache."""

@@ -168,7 +168,8 @@ def held_out(record: Mapping[str, float]) -> str:
     the loss and perplexity (text)."""
     loops = range(1, 1 + sum(1 for k in record if k.startswith("eval_loss_loop_")))
     if record.get("eval_num_answers"):
-        per_loop = "  ".join(f"loop {t}: {100 * record[f'eval_answer_accuracy_loop_{t}']:.1f}%" for t in loops)
+        per_loop = "  ".join(f"loop {t}: {100 * record[f'eval_answer_accuracy_loop_{t}']:.1f}%"
+                             for t in loops)
         return f"held-out answer accuracy (step {record['step']}) per loop: {per_loop}"
     per_loop = "  ".join(f"loop {t}: {record[f'eval_loss_loop_{t}']:.3f} "
                          f"(ppl {math.exp(min(record[f'eval_loss_loop_{t}'], 50.0)):.1f})" for t in loops)
