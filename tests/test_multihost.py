@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -168,6 +169,54 @@ def test_two_processes_train_like_one(runs):
     assert "process 0 of 2: 4 local of 8 cpu devices; mesh data=8 fsdp=1 tensor=1" in first
     assert f"step {STEPS}/{STEPS}" in first and "held-out answer accuracy" in first
     assert "step " not in second and "accuracy" not in second
+
+
+def _evaluate(model: str, out: Path, num_processes: int) -> list[tuple[int, str, str]]:
+    """`python -m ouro_jax.evaluate` as `num_processes` processes of 2 CPU devices each; per process
+    (exit status, stdout, stderr)."""
+    port = _free_port()
+    xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2", "XLA_FLAGS": xla_flags}
+    procs, logs = [], []
+    for i in range(num_processes):
+        multi = [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
+                 f"--process_id={i}"] if num_processes > 1 else []
+        logs.append((out.with_suffix(f".p{i}.out"), out.with_suffix(f".p{i}.err")))
+        with open(logs[-1][0], "w") as stdout, open(logs[-1][1], "w") as stderr:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "ouro_jax.evaluate", f"--model={model}", f"--output_dir={out}",
+                 "--num_batches=5", "--q=0.3,0.7", *multi], cwd=REPO, env=env, stdout=stdout, stderr=stderr))
+    STARTED.extend(procs)
+    return [(p.wait(timeout=TIMEOUT_S), out.read_text(), err.read_text())
+            for p, (out, err) in zip(procs, logs, strict=True)]
+
+
+def test_two_processes_evaluate_like_one(runs, tmp_path):
+    model = runs["one"].workdir
+    (single,) = _evaluate(model, tmp_path / "one", 1)
+    first, second = _evaluate(model, tmp_path / "two", 2)  # 5 batches: 3 on process 0, 2 on process 1
+    for status, _, stderr in (single, first, second):
+        assert status == 0, stderr[-3000:]
+    want = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    got = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert want.keys() == got.keys() and want["num_answers"] == got["num_answers"] == 5 * 16
+
+    def compare(a, b, where):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys(), where
+            for k in a:
+                compare(a[k], b[k], f"{where}.{k}")
+        elif isinstance(a, list):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                compare(x, y, f"{where}[{i}]")
+        elif isinstance(a, float):
+            assert b == pytest.approx(a, rel=1e-6, abs=1e-9), where
+        else:
+            assert a == b, where
+
+    compare(want, got, "metrics")
+    assert "| loop 1 |" in first[1] and messages(second[1]) == []  # process 0 alone prints and writes
 
 
 def test_preempted_processes_resume_exactly(runs, tmp_path):

@@ -6,6 +6,9 @@ accuracy; the gate's exit distribution; and for Q-exit over a grid of q, static 
 rules (absolute and relative) the accuracy / CE and mean depth. Prints one markdown table and writes
 DIR/metrics.json and DIR/{accuracy_vs_depth,exit_histogram,per_loop}.png.
 
+On several processes (`--coordinator_address/--num_processes/--process_id`, or detected as for training:
+`ouro_jax.distributed`) each evaluates its share of the batches and process 0 writes the one-process result.
+
 PATH: a run directory (its latest checkpoint), one of its steps (RUN/checkpoints/<step>) or a Hugging Face
 Ouro directory. --data: empty for a run's own held-out data; a synthetic task name (e.g. phop); or .txt /
 .jsonl files (comma-separated paths or globs), tokenised with PATH/tokenizer.json when present, else the
@@ -21,7 +24,7 @@ import time
 
 from absl import flags
 
-from ouro_jax import cli
+from ouro_jax import cli, distributed  # distributed: its flags
 
 _MODEL = flags.DEFINE_string("model", None, "Run directory, step directory or Hugging Face Ouro directory.")
 _DATA = flags.DEFINE_string("data", "", "Empty: the run's held-out data; a task name (phop, ...); or "
@@ -90,6 +93,9 @@ def _grid(hidden_size: int):
 
 def main(argv):
     del argv
+    distributed.initialize_from_flags()  # before anything touches a device; a no-op for one process
+    import jax
+
     from ouro_jax import run
     from ouro_jax.convert.pretrained import from_pretrained
     from ouro_jax.evaluate import data, metrics, plots
@@ -105,7 +111,12 @@ def main(argv):
         seed=_SEED.value, batch_size=_BATCH_SIZE.value, seq_len=_SEQ_LEN.value,
         num_batches=_NUM_BATCHES.value, tokenizer=tokenizer, field=_TEXT_FIELD.value)
     num_loops = config.total_ut_steps + _EXTRA_LOOPS.value
-    result = metrics.evaluate(model, batches, grid, num_loops=num_loops, progress=_Progress(len(batches)))
+    primary = jax.process_index() == 0
+    mine = len(range(jax.process_index(), len(batches), jax.process_count()))
+    result = metrics.evaluate(model, batches, grid, num_loops=num_loops,
+                              progress=_Progress(mine) if primary else None)
+    if not primary:  # every process holds the result; process 0 writes and prints it
+        return
     result = {"model": os.path.abspath(_MODEL.value), "data": description, **result}
     os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
     with open(os.path.join(_OUTPUT_DIR.value, "metrics.json"), "w") as f:

@@ -20,7 +20,7 @@ summed statistics into means: `ce_per_loop`, `accuracy_per_loop`, `answer_accura
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from ouro_jax.evaluate import policies
 from ouro_jax.model import exits
@@ -108,28 +109,49 @@ def make_batch_fn(model: Ouro, num_loops: int) -> Callable[..., dict[str, jax.Ar
     return jax.jit(fn)
 
 
-def evaluate(model: Ouro, batches: Iterable[Batch], grid: policies.Grid, *, num_loops: int | None = None,
+def evaluate(model: Ouro, batches: Sequence[Batch], grid: policies.Grid, *, num_loops: int | None = None,
              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Evaluate `model` on `batches` (dicts of same-shape [B, S] arrays with `MODEL_KEYS`) with
     `num_loops` loops (default: the trained T); `progress(batches_done)` is called after each batch.
-    Returns `summarize`'s dict."""
+    Returns `summarize`'s dict.
+
+    In a multi-process run every process holds the same `batches` and evaluates every
+    `jax.process_count()`-th one, from its `jax.process_index()`, on its first local device; the
+    per-batch sums are then added across processes, so every process returns the one-process result.
+    """
     trained = model.config.total_ut_steps
     num_loops = trained if num_loops is None else num_loops
     if num_loops < 1:
         raise ValueError(f"num_loops={num_loops} must be >= 1")
+    if not batches:
+        raise ValueError("the evaluation data has no batches")
     fn = make_batch_fn(model, num_loops)
-    params = nnx.state(model)
-    thresholds = grid.arrays()
-    totals: dict[str, np.ndarray] = {}
-    for done, batch in enumerate(batches, start=1):
-        sums = jax.device_get(fn(params, {k: jnp.asarray(batch[k]) for k in MODEL_KEYS}, *thresholds))
-        for key, value in sums.items():
-            totals[key] = totals.get(key, 0.0) + np.asarray(value, np.float64)
+    device = jax.local_devices()[0]
+    params = jax.device_put(nnx.state(model), device)
+    thresholds = jax.device_put(grid.arrays(), device)
+    put = lambda batch: {k: jax.device_put(np.asarray(batch[k]), device) for k in MODEL_KEYS}
+    shapes = jax.eval_shape(fn, params, put(batches[0]), *thresholds)
+    totals = {key: np.zeros(x.shape, np.float64) for key, x in shapes.items()}
+    mine = range(jax.process_index(), len(batches), jax.process_count())
+    for done, i in enumerate(mine, start=1):
+        for key, value in jax.device_get(fn(params, put(batches[i]), *thresholds)).items():
+            totals[key] += np.asarray(value, np.float64)
         if progress is not None:
             progress(done)
-    if not totals or totals["num_tokens"] == 0:
+    if jax.process_count() > 1:
+        totals = _sum_over_processes(totals)
+    if totals["num_tokens"] == 0:
         raise ValueError("the evaluation data has no scored tokens")
     return summarize(totals, grid, trained_loops=trained)
+
+
+def _sum_over_processes(totals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every process's float64 `totals` added up, on every process. JAX without x64 moves float32, so each
+    value travels as two float32s (its rounding and the remainder): the sum keeps ~48 bits."""
+    high = {k: v.astype(np.float32) for k, v in totals.items()}
+    low = {k: (v - high[k]).astype(np.float32) for k, v in totals.items()}
+    gathered = multihost_utils.process_allgather((high, low))  # each leaf [processes, ...]
+    return {k: (gathered[0][k].astype(np.float64) + gathered[1][k].astype(np.float64)).sum(0) for k in totals}
 
 
 def _perplexity(ce: float) -> float:
