@@ -33,9 +33,7 @@ def one_line(err: BaseException | str) -> str:
     """An exception's message collapsed to one readable line (ml_collections' quoted reprs unwrapped)."""
     text = str(err)
     if "Traceback (most recent call last)" in text:  # ml_collections wraps get_config's exception
-        flag = re.match(r"flag (--\S+): ", text)
-        text = re.sub(r"^[\w.]+: ", "", text.strip().splitlines()[-1])
-        text = f"{flag.group(1)}: {text}" if flag and not text.startswith("configs/") else text
+        text = _last_exception(text)
     suggestion = re.search(r"'([^']+)'.*Did you mean \"([^\"]+)\" instead of \"([^\"]+)\"", text, re.S)
     if suggestion:
         return f"unknown config key {suggestion.group(3)!r}; did you mean {suggestion.group(2)!r}?"
@@ -43,6 +41,18 @@ def one_line(err: BaseException | str) -> str:
     if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a repr'd message (KeyError, ...)
         text = text[1:-1]
     return text or type(err).__name__
+
+
+def _last_exception(text: str) -> str:
+    """`flag --config=FILE: ... Traceback ... Kind: message` -> `FILE: message` (the kind kept unless it is
+    one of ours or a ValueError)."""
+    flag = re.match(r"flag --\w+=([^:\s]+)", text)
+    kind, _, message = text.strip().splitlines()[-1].partition(": ")
+    kind = kind.rsplit(".", 1)[-1]
+    if kind not in ("ConfigError", "UserError", "ValueError"):
+        message = f"{kind}: {message}"
+    path = flag.group(1) if flag else None
+    return message if path is None or path in message.split(":", 1)[0] else f"{path}: {message}"
 
 
 def fail(message: BaseException | str, status: int = USAGE_ERROR):
@@ -54,8 +64,10 @@ def fail(message: BaseException | str, status: int = USAGE_ERROR):
 def _parse(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
-    except Exception as err:
+    except (flags.Error, ValueError) as err:
         fail(err)
+    except Exception as err:  # raised by a config file's own code (KeyError, NameError, SyntaxError, ...)
+        fail(f"{type(err).__name__}: {one_line(err)}")
 
 
 def quiet_logs() -> None:

@@ -263,13 +263,10 @@ def _step_dir(path: str | os.PathLike) -> Path:
 
 def restore_params(path: str | os.PathLike, abstract_params) -> dict:
     """Parameters of a run (latest checkpoint) or of one of its steps, in `abstract_params`' shapes,
-    dtypes and shardings (so any mesh, whatever mesh saved them; a leaf without a sharding goes to this
-    process's first device). Layer counts must match (upcycle after restoring otherwise)."""
-    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else
-                          jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), abstract_params)
+    dtypes and shardings (so any mesh; a leaf without a sharding takes the saved one, which needs the
+    saving topology). Layer counts must match (upcycle after restoring otherwise)."""
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(_step_dir(path) / "params", target)
+        return checkpointer.restore(_step_dir(path) / "params", abstract_params)
 
 
 def save_params(run_dir: str | os.PathLike, params, step: int = 0) -> Path:

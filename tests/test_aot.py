@@ -104,8 +104,10 @@ def test_cli_compiles_the_train_step_for_a_small_slice(tmp_path):
     # XLA's byte counts then measure sharding, not the padding of tiny arrays
     wide = dict(num_hidden_layers=2, hidden_size=512, head_dim=128, intermediate_size=1024)
     out = tmp_path / "report.json"
+    # grad_accum_steps=3 does not split the batch; --rows_per_chip replaces it (as a recipe's count for
+    # another slice would be)
     done = _aot("--config=configs/demo.py", "--topology=v5e-4", "--rows_per_chip=8", f"--json={out}",
-                "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+                "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.optimizer.grad_accum_steps=3",
                 *(f"--config.model.{k}={v}" for k, v in wide.items()))
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -151,3 +153,7 @@ def test_generation_compiles_for_a_small_slice():
     reports = aot.serving(config, topology.parse("v5e-4"), batch=8, context=32)
     assert [r["program"] for r in reports] == ["prefill", "decode_step"]
     assert all(r["fits"] and r["hbm_bytes_per_chip"] > 0 for r in reports)
+    for r in reports:  # the bound: FLOPs at v5e's 197 TFLOP/s, or one read of the arguments at 819 GB/s
+        assert r["memory_time_lower_bound_s"] == r["argument_bytes_per_chip"] / 819e9
+        assert r["compute_time_lower_bound_s"] == r["flops"] / (4 * 197e12)
+        assert r["time_lower_bound_s"] == max(r["memory_time_lower_bound_s"], r["compute_time_lower_bound_s"])

@@ -84,6 +84,13 @@ def test_bad_config_files_and_variants(tmp_path, config, needle):
     assert not (tmp_path / "new").exists()
 
 
+def test_a_config_file_that_raises_names_the_exception(tmp_path):
+    broken = tmp_path / "mine.py"
+    broken.write_text("def get_config():\n    return {}['lr']\n")
+    assert_refused(run_cli(train_args(tmp_path / "new", config=str(broken))), "KeyError: lr")
+    assert not (tmp_path / "new").exists()
+
+
 def test_workdir_that_is_a_file(tmp_path):
     target = tmp_path / "notes.txt"
     target.write_text("my notes")

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from ouro_jax.train import config as config_lib
+from ouro_jax.train import recipes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,6 +51,16 @@ def test_config_validates(name, arg, tmp_path):
             config_lib.validate(c, platform="gpu")
     resolved = config_lib.validate(c, platform=platform)
     assert resolved.model.total_ut_steps >= 1
+
+
+@pytest.mark.parametrize("model, stage", list(recipes.GRAD_ACCUM_V5P_128))
+def test_pod_recipes_split_their_batch_on_a_v5p_128(model, stage):
+    """Every stage's micro-batches split over the 64 chips (16 hosts) of the slice it is sized for."""
+    c = _load(model, stage)
+    c.init_from = "/runs/source"  # Ouro-2.6B 1b upcycles a 1.4B run
+    resolved = config_lib.validate(c, num_devices=64, process_count=16, platform="tpu", check_data=False)
+    assert resolved.micro_batches == recipes.GRAD_ACCUM_V5P_128[model, stage]
+    assert c.data.batch_size // (resolved.micro_batches * 64) >= 1
 
 
 def test_paper_stages():

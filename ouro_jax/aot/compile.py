@@ -48,10 +48,14 @@ def state_bytes(abstract_state) -> tuple[int, int]:
     return total, per_device
 
 
-def _working_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """An unlocked deep copy that the compile settings may change."""
+def _working_config(config: ml_collections.ConfigDict, *,
+                    rows_chosen: bool = False) -> ml_collections.ConfigDict:
+    """An unlocked deep copy that the compile settings may change. `rows_chosen`: the micro-batches will be
+    set from a rows-per-chip value, so the config's own `grad_accum_steps` is not validated (one)."""
     copy = ml_collections.ConfigDict(config.to_dict())
     copy.unlock()
+    if rows_chosen:
+        copy.optimizer.grad_accum_steps = 1
     return copy
 
 
@@ -109,7 +113,7 @@ def _memory(compiled, hbm_bytes: int, needed: float | None) -> dict[str, Any]:
 def train_step(config: ml_collections.ConfigDict, tpu: Slice, *, num_slices: int = 1,
                rows_per_chip: int | None = None) -> dict[str, Any]:
     """Compile the train step of `config` for `num_slices` x `tpu`; returns the report (see `FIELDS`)."""
-    config = _working_config(config)
+    config = _working_config(config, rows_chosen=rows_per_chip is not None)
     mesh, resolved = _mesh_and_resolved(config, tpu, num_slices)
     shards = batch_shards(mesh)
     if rows_per_chip is not None:
@@ -168,7 +172,7 @@ def search(config: ml_collections.ConfigDict, tpu: Slice, *, num_slices: int = 1
            log=lambda report: None) -> tuple[dict | None, list[dict]]:
     """The largest rows per chip whose train step fits, over the values that split the config's batch
     into whole micro-batches. Returns (its report or None, every report, by rows)."""
-    mesh, _ = _mesh_and_resolved(_working_config(config), tpu, num_slices)
+    mesh, _ = _mesh_and_resolved(_working_config(config, rows_chosen=True), tpu, num_slices)
     candidates = row_candidates(config, batch_shards(mesh))
     tried: dict[int, dict] = {}
 
@@ -185,7 +189,8 @@ def search(config: ml_collections.ConfigDict, tpu: Slice, *, num_slices: int = 1
 def serving(config: ml_collections.ConfigDict, tpu: Slice, *, batch: int, context: int,
             num_slices: int = 1) -> list[dict[str, Any]]:
     """Compile `generate`'s prefill (a `context`-token prompt) and decode loop (one new token over a
-    `context`-token cache) at `batch` rows for the slice, parameters sharded as in training."""
+    `context`-token cache) at `batch` rows for the slice, parameters sharded as in training. Each report's
+    `time_lower_bound_s` is the larger of the FLOPs at peak and one read of its arguments from HBM."""
     from flax import nnx
 
     from ouro_jax.inference import decode
@@ -223,6 +228,10 @@ def serving(config: ml_collections.ConfigDict, tpu: Slice, *, batch: int, contex
         reports.append({"program": "decode_step", "batch": batch, "context": context, "seconds": seconds,
                         **_memory(compiled, tpu.hbm_bytes, needed), "flops": step.executed})
     chips = mesh.size
-    for r in reports:
-        r.update(topology=tpu.name, chips=chips, time_lower_bound_s=r["flops"] / (chips * tpu.peak_flops))
+    for r in reports:  # at least the FLOPs at peak, and reading every argument (weights, cache) once
+        compute_s = r["flops"] / (chips * tpu.peak_flops)
+        memory_s = None if r["argument_bytes_per_chip"] is None else (
+            r["argument_bytes_per_chip"] / tpu.hbm_bandwidth)
+        r.update(topology=tpu.name, chips=chips, compute_time_lower_bound_s=compute_s,
+                 memory_time_lower_bound_s=memory_s, time_lower_bound_s=max(compute_s, memory_s or 0.0))
     return reports

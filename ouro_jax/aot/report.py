@@ -15,11 +15,16 @@ def _flops(x) -> str:
     return f"{x:.3e}"
 
 
+def _ms(x: float | None) -> str:
+    return "?" if x is None else f"{x * 1e3:.3f} ms"
+
+
 FORMATS = {
     "state_bytes_total": _bytes, "state_bytes_per_chip": _bytes, "argument_bytes_per_chip": _bytes,
     "temp_bytes_per_chip": _bytes, "hbm_bytes_per_chip": _bytes, "hbm_capacity_per_chip": _bytes,
     "model_flops_per_step": _flops, "executed_flops_per_step": _flops, "flops": _flops,
-    "step_time_lower_bound_s": lambda x: f"{x:.3f} s", "time_lower_bound_s": lambda x: f"{x * 1e3:.3f} ms",
+    "step_time_lower_bound_s": lambda x: f"{x:.3f} s", "time_lower_bound_s": _ms,
+    "compute_time_lower_bound_s": _ms, "memory_time_lower_bound_s": _ms,
     "mfu_at_lower_bound": lambda x: f"{100 * x:.1f} %", "compile_s": lambda x: f"{x:.1f} s",
     "init_compile_s": lambda x: f"{x:.1f} s", "seconds": lambda x: f"{x:.1f} s",
 }

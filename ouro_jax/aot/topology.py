@@ -17,12 +17,13 @@ from ouro_jax.cli import UserError
 GiB = 2**30
 
 # generation: (cores per chip in the Cloud name, mesh dimensions, HBM bytes per chip, peak dense bf16
-# FLOP/s per chip, libtpu chip config). HBM is what the TPU compiler reports as available.
+# FLOP/s per chip, libtpu chip config, HBM bytes/s per chip). HBM is what the TPU compiler reports as
+# available; peaks and bandwidths are Google Cloud's published per-chip figures.
 _GENERATIONS = {
-    "v4": (2, 3, 32 * GiB, 275e12, "megacore"),
-    "v5p": (2, 3, int(95.74 * GiB), 459e12, "default"),
-    "v5e": (1, 2, 16 * GiB, 197e12, "default"),
-    "v6e": (1, 2, 32 * GiB, 918e12, "default"),
+    "v4": (2, 3, 32 * GiB, 275e12, "megacore", 1228e9),
+    "v5p": (2, 3, int(95.74 * GiB), 459e12, "default", 2765e9),
+    "v5e": (1, 2, 16 * GiB, 197e12, "default", 819e9),
+    "v6e": (1, 2, 32 * GiB, 918e12, "default", 1640e9),
 }
 _ALIASES = {"v5litepod": "v5e", "v6litepod": "v6e"}
 # libtpu's platform name of each generation in a topology string ("v5p:4x4x4")
@@ -33,7 +34,7 @@ EXTRA_HINT = "pip install -e '.[aot]' (the libtpu wheel of jax's `tpu` extra; a 
 @dataclasses.dataclass(frozen=True)
 class Slice:
     """One TPU slice: name ("v5p-128"), generation ("v5p"), chips, topology ("v5p:4x4x4"), chips per host,
-    HBM bytes per chip and peak bf16 FLOP/s per chip."""
+    HBM bytes per chip, peak bf16 FLOP/s per chip and HBM bytes/s per chip."""
 
     name: str
     generation: str
@@ -42,6 +43,7 @@ class Slice:
     chips_per_host: int
     hbm_bytes: int
     peak_flops: float
+    hbm_bandwidth: float
 
     @property
     def hosts(self) -> int:
@@ -69,7 +71,7 @@ def parse(name: str) -> Slice:
     if generation not in _GENERATIONS:
         raise UserError(f"--topology={name!r}: expected a Cloud TPU name such as v4-64, v5p-128, v5e-256 or "
                         f"v6e-256 (generations {', '.join(_GENERATIONS)})")
-    cores, ndim, hbm, peak, _ = _GENERATIONS[generation]
+    cores, ndim, hbm, peak, _, bandwidth = _GENERATIONS[generation]
     count = int(match.group(2))
     if count % cores:
         raise UserError(f"--topology={name!r}: {generation} names count TensorCores ({cores} per chip)")
@@ -78,7 +80,7 @@ def parse(name: str) -> Slice:
     per_host = chips if ndim == 2 and chips <= 8 else min(chips, 4)
     return Slice(name=f"{generation}-{count}", generation=generation, chips=chips,
                  topology=f"{_PLATFORM[generation]}:{'x'.join(map(str, grid))}", chips_per_host=per_host,
-                 hbm_bytes=hbm, peak_flops=peak)
+                 hbm_bytes=hbm, peak_flops=peak, hbm_bandwidth=bandwidth)
 
 
 def devices(tpu: Slice, num_slices: int = 1) -> list:

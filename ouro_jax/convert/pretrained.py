@@ -87,8 +87,11 @@ def from_pretrained(path: str | os.PathLike, dtype: Any = "float32", **runtime) 
         return _from_hf(location.root, run.read_json(location.root / "config.json", CheckpointError), runtime)
     config = run.model_config(location.root, **runtime)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Ouro(config, rngs=nnx.Rngs(0))))
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # whatever mesh saved the run
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                          nnx.to_pure_dict(state))
     try:
-        params = run.restore_params(path, nnx.to_pure_dict(state))
+        params = run.restore_params(path, target)
     except (ValueError, KeyError) as err:
         if isinstance(err, run.RunError):
             raise CheckpointError(str(err)) from None

@@ -55,8 +55,8 @@ class _Progress:
     """`evaluate [########------------] 12/32 batches  3.1 batches/s  ETA 0m06s` on stderr, redrawn in place
     on a terminal, else a line every 10 seconds and at the end."""
 
-    def __init__(self, total: int):
-        self.total, self.t0, self.last = total, time.perf_counter(), 0.0
+    def __init__(self, total: int, unit: str = "batches"):
+        self.total, self.unit, self.t0, self.last = total, unit, time.perf_counter(), 0.0
         self.tty = sys.stderr.isatty()
 
     def __call__(self, done: int) -> None:
@@ -67,7 +67,7 @@ class _Progress:
         rate = done / max(now, 1e-9)
         eta = int((self.total - done) / rate) if rate else 0
         filled = 20 * done // max(self.total, 1)
-        line = (f"evaluate [{'#' * filled}{'-' * (20 - filled)}] {done}/{self.total} batches  "
+        line = (f"evaluate [{'#' * filled}{'-' * (20 - filled)}] {done}/{self.total} {self.unit}  "
                 f"{rate:.2f} batches/s  ETA {eta // 60}m{eta % 60:02d}s")
         sys.stderr.write(f"\r{line}" + ("\n" if done == self.total else "") if self.tty else f"{line}\n")
         sys.stderr.flush()
@@ -114,7 +114,9 @@ def main(argv):
     primary = jax.process_index() == 0
     mine = len(range(jax.process_index(), len(batches), jax.process_count()))
     result = metrics.evaluate(model, batches, grid, num_loops=num_loops,
-                              progress=_Progress(mine) if primary else None)
+                              progress=_Progress(mine, "batches" if mine == len(batches) else
+                                                 f"of process 0's share of {len(batches)} batches")
+                              if primary else None)
     if not primary:  # every process holds the result; process 0 writes and prints it
         return
     result = {"model": os.path.abspath(_MODEL.value), "data": description, **result}

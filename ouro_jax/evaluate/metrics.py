@@ -118,6 +118,7 @@ def evaluate(model: Ouro, batches: Sequence[Batch], grid: policies.Grid, *, num_
     In a multi-process run every process holds the same `batches` and evaluates every
     `jax.process_count()`-th one, from its `jax.process_index()`, on its first local device; the
     per-batch sums are then added across processes, so every process returns the one-process result.
+    The model must be addressable from every process (e.g. loaded by each, as `from_pretrained` does).
     """
     trained = model.config.total_ut_steps
     num_loops = trained if num_loops is None else num_loops
