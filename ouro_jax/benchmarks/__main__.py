@@ -6,6 +6,7 @@ markdown and add its figures to FILE (a JSON object keyed by benchmark name; oth
         --remat_policy=save_qkv_context
     python -m ouro_jax.benchmarks --bench=decode --json=bench.json
     python -m ouro_jax.benchmarks --bench=decode.exit --run_dir=runs/demo
+    python -m ouro_jax.benchmarks --bench=decode.rows --new_tokens=64 --repeats=3
     python -m ouro_jax.benchmarks --bench=convert.roundtrip --preset=ouro_1p4b
 
 NAME is a benchmark (`BENCHMARKS`) or a group (train, decode, convert). What each measures is in the
@@ -21,7 +22,7 @@ from absl import flags
 from ouro_jax import cli
 
 BENCHMARKS = ("train.compile", "train.memory", "train.fwd_bwd", "train.step", "decode.speed", "decode.cache",
-              "decode.exit", "convert.roundtrip")
+              "decode.exit", "decode.rows", "convert.roundtrip")
 
 _BENCH = flags.DEFINE_list("bench", None, "Benchmarks or groups to run: " + ", ".join(BENCHMARKS) + ".")
 _JSON = flags.DEFINE_string("json", None, "Add the figures to this JSON file.")
@@ -46,6 +47,10 @@ _THRESHOLDS = flags.DEFINE_list(
     "thresholds", ["0.9", "0.7", "0.5", "0.3", "0.2", "0.1", "0.05", "0.02", "0.01", "0.005"],
     "decode.exit: Q-exit thresholds q.")
 _DELTAS = flags.DEFINE_list("deltas", ["0.6", "0.7", "0.8", "1.0"], "decode.exit: hidden_delta_eps values.")
+_ROW_BATCHES = flags.DEFINE_list("row_batches", ["1", "8", "32"], "decode.rows: batch sizes.")
+_GATE_SCALES = flags.DEFINE_list("gate_scales", ["10", "30"],
+                                 "decode.rows: factors on the random exit gate's kernel.")
+_ROW_THRESHOLDS = flags.DEFINE_list("row_thresholds", ["0.7", "0.4"], "decode.rows: Q-exit thresholds q.")
 # convert.*
 _PRESET = flags.DEFINE_string("preset", "ouro_1p4b", "convert.roundtrip: OuroConfig preset.")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"],
@@ -69,7 +74,7 @@ def selected(names: list[str]) -> list[str]:
 
 
 def _numbers(flag) -> list:
-    kind = float if flag.name in ("thresholds", "deltas") else int
+    kind = float if flag.name in ("thresholds", "deltas", "gate_scales", "row_thresholds") else int
     try:
         return [kind(v) for v in flag.value]
     except ValueError:
@@ -94,6 +99,9 @@ def _run(name: str):
         "decode.exit": lambda: decode.exit_policies(
             repeats=repeats, run_dir=_RUN_DIR.value, train_steps=_TRAIN_STEPS.value, examples=_EXAMPLES.value,
             batches=_numbers(_EXIT_BATCHES), thresholds=_numbers(_THRESHOLDS), deltas=_numbers(_DELTAS)),
+        "decode.rows": lambda: decode.rows(repeats=repeats, batches=_numbers(_ROW_BATCHES),
+                                           gate_scales=_numbers(_GATE_SCALES),
+                                           thresholds=_numbers(_ROW_THRESHOLDS), **tokens),
         "convert.roundtrip": lambda: convert.roundtrip(preset=_PRESET.value, dtype=_DTYPE.value,
                                                        workdir=_WORKDIR.value, keep=_KEEP.value),
     }[name]()
@@ -102,7 +110,7 @@ def _run(name: str):
 def main(argv):
     del argv
     names = selected(_BENCH.value)
-    for flag in (_BATCHES, _EXIT_BATCHES, _THRESHOLDS, _DELTAS):
+    for flag in (_BATCHES, _EXIT_BATCHES, _THRESHOLDS, _DELTAS, _ROW_BATCHES, _GATE_SCALES, _ROW_THRESHOLDS):
         _numbers(flag)  # refuse bad numbers before anything runs
     if _REPEATS.value < 1:
         raise cli.UserError(f"--repeats={_REPEATS.value} must be >= 1")

@@ -21,6 +21,13 @@
                 also shown included); reports the largest saving by a q whose answer accuracy is within
                 1 point of full depth. A last table shows skipping at a realistic per-loop cost
                 (cpu_benchmark shape, random weights), per skipped-loop K/V policy.
+  decode.rows   per-row savings of `generate(compact_rows=...)` at the cpu_benchmark shape (random
+                weights, the exit gate's kernel scaled so that tokens exit at various loops; tokens
+                are not meaningful): per batch size, gate scale and Q-exit q (skipped_kv "project"),
+                the executed fraction of row-loops (`GenerateStats.row_loops_run /
+                row_loops_full_depth`, bucket padding included; and the fraction the exit loops need)
+                and the decode time relative to full depth, compacted and not. Minimum decode-loop
+                time over `repeats` runs, settings interleaved in random order.
 
 Why batch-8 decode trails HF's speed-up at batch 1: with static shapes every decoded token reads all M
 decoded positions of all T x N caches (masked); HF's dynamic cache reads only the filled part.
@@ -271,3 +278,48 @@ def _exit_mechanism(repeats: int, skipped_kv: tuple[str, ...]) -> tuple[str, lis
                       f"{r['us']:.0f}", f"{r['saved']:.0f} %"] for r in figures]))
     return text, figures
 
+
+
+# --- rows --------------------------------------------------------------------------------------
+def rows(*, repeats: int, batches: list[int], gate_scales: list[float], thresholds: list[float],
+         prompt_len: int = 64, new_tokens: int = 64) -> Result:
+    """Decode time vs executed row-loops with and without `compact_rows` (module docstring)."""
+    model = _benchmark_model()
+    gate = model.early_exit_gate.kernel[...]
+    t_max = model.config.total_ut_steps
+    lines, figures = [], []
+    for batch in batches:
+        ids = np.random.default_rng(batch).integers(3, model.config.vocab_size, (batch, prompt_len))
+        for scale in gate_scales:
+            model.early_exit_gate.kernel[...] = gate * scale
+            settings = [("full depth", None, False)] + [
+                (f"q={q} {'compacted' if c else 'uncompacted'}", q, c)
+                for q in thresholds for c in (False, True)]
+            times, outs = [np.inf] * len(settings), [None] * len(settings)
+            run = lambda q, compact, ids=ids: generate(model, ids, new_tokens, exit_threshold=q,
+                                                       skipped_kv="project", compact_rows=compact)
+            for _, q, compact in settings:  # compile and warm up
+                run(q, compact)
+            order = np.random.default_rng(0)
+            for _ in range(repeats):
+                for i in order.permutation(len(settings)):
+                    outs[i] = run(*settings[i][1:])
+                    times[i] = min(times[i], outs[i].stats.decode_s)
+            for (name, q, compact), out, seconds in zip(settings, outs, times, strict=True):
+                decoded = out.exit_loops[:, 1:]
+                row = {"batch": batch, "gate_scale": scale, "q": q, "compact_rows": compact,
+                       "setting": name, "needed": float(decoded.sum() / (t_max * (decoded > 0).sum())),
+                       "executed": out.stats.row_loops_run / out.stats.row_loops_full_depth,
+                       "relative_time": seconds / times[0], "ms_per_step": 1e3 * seconds / (new_tokens - 1)}
+                row["gap"] = row["relative_time"] - row["executed"]
+                figures.append(row)
+                lines.append([batch, scale, name, f"{row['needed']:.2f}", f"{row['executed']:.2f}",
+                              f"{row['relative_time']:.2f}", f"{row['gap']:+.2f}",
+                              f"{row['ms_per_step']:.2f}"])
+    model.early_exit_gate.kernel[...] = gate
+    text = (f"per-row savings (cpu_benchmark shape, random weights, prompt {prompt_len}, {new_tokens} new "
+            f"tokens, greedy, skipped_kv project; time = min decode-loop time of {repeats} runs)\n\n"
+            + table(["batch", "gate scale", "setting", "row-loops needed / full", "row-loops executed / full",
+                     "time / full depth", "time - executed", "ms / decode step"], lines))
+    return Result(text, {"rows": figures, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                         "repeats": repeats})

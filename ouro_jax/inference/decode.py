@@ -35,9 +35,16 @@ the layers' `attend` hook differs:
                       the K/V of the exit state through that layer's input norm and K/V projections
                       (`DecoderLayer.kv`, N small matmuls per token);
              copy     skipped as in project; the slots get copies of the exit loop's K/V.
-           A fixed depth (full, or `exit_at_loop`) runs its loops without conds: on CPU a cond costs a
-           few µs, which only matters for tiny models. Exited rows still ride along in the batched
-           computation of the loops others run (static shapes); their results are discarded.
+           Row compaction (`compact_rows`, default on, for policies that exit early with skipped_kv
+           "project" / "copy"): each loop runs only on the rows that need it (unfinished and not yet
+           exited), gathered with their cache rows into the smallest bucket of `row_buckets(B)`
+           (powers of two, then B) that holds them,
+           chosen by `lax.switch` (static shapes: one compilation holds every bucket), and scattered
+           back; an empty bucket skips the loop, the full bucket runs without gathering. Rows that
+           exited or stopped then cost no layer compute. Without it a loop runs for the whole batch
+           whenever some row needs it (exited rows ride along, their results discarded), and a fixed
+           depth (full, or `exit_at_loop`) or "compute" runs its loops without conds: on CPU a cond
+           costs a few µs, which only matters for tiny models. Either way the tokens are the same.
 """
 
 from __future__ import annotations
@@ -63,6 +70,13 @@ from ouro_jax.model.layers import masked_attention, rope_cos_sin
 EXIT_POLICIES = ("gate", "hidden_delta", "hidden_delta_relative")
 SKIPPED_KV = ("compute", "project", "copy")  # the K/V of the loops a token skips (`generate`)
 DEFAULT_SKIPPED_KV = "project"  # why: the `generate` docstring
+DEFAULT_COMPACT_ROWS = True  # why: the `generate` docstring
+
+
+def row_buckets(batch: int) -> tuple[int, ...]:
+    """The bucket sizes of `compact_rows` for a batch of B rows: the powers of two below B, then B
+    (e.g. 1, 2, 4, 5 for B = 5), so a bucket never holds more than twice the rows it needs."""
+    return (*(1 << i for i in range((batch - 1).bit_length())), batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +85,8 @@ class DecodeSpec:
     skipped loops (`SKIPPED_KV`; "copy" also under kv_sharing "last" / "average", where a decoded token
     has no per-loop slots to fill and skipped loops are never computed); loop_logits: keep every
     loop's logits; stream: the decode loop reports every token to the `on_token` callback registered
-    under `Knobs.stream_id`."""
+    under `Knobs.stream_id`; compact_rows: each loop runs only on the rows that need it, gathered into a
+    bucket of `row_buckets(B)` rows (`_decode_token`; never with the "fixed" policy or "compute")."""
 
     policy: ExitPolicy
     kv_sharing: str
@@ -83,6 +98,7 @@ class DecodeSpec:
     pad_id: int
     loop_logits: bool
     stream: bool
+    compact_rows: bool
 
 
 @struct.dataclass
@@ -114,7 +130,8 @@ class DecodeState:
     exit_index [B, M] int32 the 0-based loop index each token came from (-1 after a row stopped);
     forced [B, M] int32 tokens fed back instead of `tokens` (teacher forcing) or None; done [B] bool;
     lengths [B] prompt lengths; keys [B] row PRNG keys; loops_run: loops the decode loop ran (scalar);
-    loop_logits [M, T, B, V] float32 or None.
+    row_loops_run: the batch rows those loops ran on, summed (scalar); loop_logits [M, T, B, V] float32
+    or None.
     """
 
     index: jax.Array
@@ -126,6 +143,7 @@ class DecodeState:
     keys: jax.Array
     cache: KVCache
     loops_run: jax.Array
+    row_loops_run: jax.Array
     loop_logits: jax.Array | None
 
 
@@ -134,8 +152,11 @@ class GenerateStats:
     """Run statistics.
 
     mean_depth: mean loops used per generated (non-pad) token (the mean of `exit_loops`).
-    loops_run / loops_full_depth: loops the decode loop ran (one loop = N layers for the whole batch)
-      and what full depth would have run for the same tokens.
+    loops_run / loops_full_depth: loops the decode loop ran (one loop = N layers for the batch, or for
+      a bucket of its rows) and what full depth would have run for the same tokens.
+    row_loops_run / row_loops_full_depth: the rows those loops ran on, summed (B per loop uncompacted,
+      the bucket size with `compact_rows`, padding included), and what full depth computes for the same
+      tokens (B * loops_full_depth): their ratio is the executed fraction of the decode loop's compute.
     prefill_s, decode_s: wall time of the compiled prefill and decode loop; compile_s: compilation in
       this call (0 when cached).
     tokens_per_s: generated (non-pad) tokens / (prefill_s + decode_s);
@@ -146,6 +167,8 @@ class GenerateStats:
     mean_depth: float
     loops_run: int
     loops_full_depth: int
+    row_loops_run: int
+    row_loops_full_depth: int
     prefill_s: float
     decode_s: float
     compile_s: float
@@ -250,19 +273,26 @@ def _prefill(graphdef, spec: DecodeSpec, params, input_ids, lengths, keys, force
         exit_index=jnp.full((b, m), -1, jnp.int32).at[:, 0].set(exit_index),
         done=jnp.isin(token, knobs.stop_tokens),
         lengths=lengths, keys=keys, cache=KVCache.create(ks, vs, m, spec.kv_sharing),
-        loops_run=jnp.int32(0), loop_logits=loop_logits)
+        loops_run=jnp.int32(0), row_loops_run=jnp.int32(0), loop_logits=loop_logits)
 
 
 # --- decode ----------------------------------------------------------------------------------------
 def _decode_token(model, layers, spec: DecodeSpec, state: DecodeState, threshold):
     """Run token `state.index - 1` (fed back at position index - 1) through its adaptive recurrence.
 
-    The T loops are unrolled (each reads its own cache slots). With skipped_kv "compute" every loop
-    runs for every row; otherwise loop index t > 0 runs under `lax.cond` only while some unfinished row
-    has not exited, so loops no row needs are skipped. The recurrence state h always advances (rows that
-    exited ride along in the batch); each row's exit state is frozen at its exit loop.
+    The T loops are unrolled (each reads its own cache slots). A row needs loop index t while it is
+    unfinished and has not exited before t. With skipped_kv "compute" or the "fixed" policy every
+    loop runs for every row. Otherwise, uncompacted, loop index t > 0 runs for the whole batch under
+    `lax.cond` only while some row needs it: rows that do not need it ride along and their results
+    are discarded. With `spec.compact_rows` the needed rows are gathered into the smallest
+    bucket of `row_buckets(B)` that holds them (`lax.switch` over the bucket sizes; an empty bucket
+    skips the loop, the full one runs without gathering), the layers run on the bucket only (its rows'
+    h, RoPE tables, prompt masks and cache slots) and the results are scattered back. Either way each
+    row's exit state is frozen at its exit loop; the state h of a row that does not run a loop is
+    don't-care after its exit.
     Returns (logits [B, V] of each row's exit loop, exit_index [B], k, v [T, N, B, K, H] per loop with
-    the skipped loops filled by `spec.skipped_kv`, loops run (scalar), per-loop logits [T, B, V] or None).
+    the skipped loops filled by `spec.skipped_kv`, loops run (scalar: loops some row ran), row-loops run
+    (scalar: the batch rows the loops ran on, bucket padding included), per-loop logits [T, B, V] or None).
     """
     cfg = model.config
     cache, position = state.cache, state.index - 1
@@ -271,43 +301,72 @@ def _decode_token(model, layers, spec: DecodeSpec, state: DecodeState, threshold
     b, p = tokens.shape[0], cache.prompt_k[0].shape[2]
     cos, sin = rope_cos_sin(state.lengths[:, None] + position, cfg.head_dim, cfg.rope_theta,
                             cfg.compute_jnp_dtype)
-    attend = functools.partial(
-        _cached_attention, prompt_valid=jnp.arange(p)[None] >= (p - state.lengths)[:, None],
-        decoded_valid=jnp.arange(spec.max_new_tokens) < position, scale=cfg.head_dim ** -0.5)
+    prompt_valid = jnp.arange(p)[None] >= (p - state.lengths)[:, None]
+    decoded_valid = jnp.arange(spec.max_new_tokens) < position
 
-    def run_loop(t, carry):
-        h, h_exit, exited, exit_index, policy_state, loops_run = carry
+    def layers_on(t, h, rows=None):
+        """The N layers of loop index t on rows `rows` [S] int32 of the batch (None: all B; indices
+        >= B are padding, computed on row B - 1) of h [B, 1, D] -> (normed [S, 1, D], k, v [N, S, K, H])."""
+        pick = (lambda x: x) if rows is None else (lambda x: jnp.take(x, rows, axis=0, mode="clip"))
+        attend = functools.partial(_cached_attention, prompt_valid=pick(prompt_valid),
+                                   decoded_valid=decoded_valid, scale=cfg.head_dim ** -0.5)
+        row_cos, row_sin = pick(cos), pick(sin)
 
         def layer_fn(layer, x, i):
-            cached = (*cache.prompt(t, i), *cache.decoded(t, i))
-            x, (k, v) = layer.with_kv(x, cos, sin, functools.partial(attend, cached=cached))
+            cached = tuple(pick(c) for c in (*cache.prompt(t, i), *cache.decoded(t, i)))
+            x, (k, v) = layer.with_kv(x, row_cos, row_sin, functools.partial(attend, cached=cached))
             return x, (k[:, 0], v[:, 0])
 
-        h, (k, v) = _apply_layers(layers, layer_fn, h)
-        h = model.norm(h)
+        x, (k, v) = _apply_layers(layers, layer_fn, pick(h))
+        return model.norm(x), jnp.stack(k), jnp.stack(v)
+
+    sizes = row_buckets(b) if spec.compact_rows else (b,)
+
+    def on_bucket(t, size, needed, h):
+        """Loop index t on the first `size` rows where `needed` [B] (size 0: none, size B: all rows)
+        -> (h [B, 1, D] with those rows advanced, k, v [N, B, K, H], zero on the other rows)."""
+        kv_zeros = jnp.zeros((cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim), h.dtype)
+        if size == 0:
+            return h, kv_zeros, kv_zeros
+        if size == b:
+            return layers_on(t, h)
+        rows = jnp.nonzero(needed, size=size, fill_value=b)[0]
+        h_rows, k, v = layers_on(t, h, rows)
+        return (h.at[rows].set(h_rows, mode="drop"), kv_zeros.at[:, rows].set(k, mode="drop"),
+                kv_zeros.at[:, rows].set(v, mode="drop"))
+
+    def run_loop(t, carry):
+        h, h_exit, exited, exit_index, policy_state, loops_run, row_loops = carry
+        needed = ~exited  # unfinished rows that have not exited yet
+        if spec.compact_rows:  # the smallest bucket holding every needed row (0: skip the loop)
+            bounds = jnp.asarray((0, *sizes), jnp.int32)
+            bucket = jnp.sum(bounds < jnp.sum(needed, dtype=jnp.int32))
+            h, k, v = jax.lax.switch(bucket, [functools.partial(on_bucket, t, size, needed)
+                                              for size in (0, *sizes)], h)
+            ran = bounds[bucket]
+        # Loop 1 always runs (some row is unfinished, else the token loop has stopped), and so does
+        # every loop of "compute" and of the "fixed" policy, which exits no row early: no cond (and
+        # its cost) there.
+        elif t == 0 or spec.policy.kind == "fixed" or spec.skipped_kv == "compute":
+            (h, k, v), ran = layers_on(t, h), jnp.int32(b)
+        else:
+            h, k, v = jax.lax.cond(jnp.any(needed), lambda h: layers_on(t, h),
+                                   functools.partial(on_bucket, t, 0, needed), h)
+            ran = jnp.where(jnp.any(needed), b, 0).astype(jnp.int32)
         exit_now, policy_state = spec.policy.update(policy_state, t, h[:, 0], model.gate_logit(h)[:, 0],
                                                     threshold)
         running = ~exited
         carry = (h, jnp.where(running[:, None, None], h, h_exit), exited | exit_now,
-                 jnp.where(running, t, exit_index), policy_state, loops_run + 1)
-        return carry, (jnp.stack(k), jnp.stack(v), model.logits(h)[:, 0] if spec.loop_logits else None)
+                 jnp.where(running, t, exit_index), policy_state, loops_run + (ran > 0), row_loops + ran)
+        return carry, (k, v, model.logits(h)[:, 0] if spec.loop_logits else None)
 
     x = model.embed(tokens)
-    carry = (x, x, state.done, jnp.zeros((b,), jnp.int32), spec.policy.init(x[:, 0]), jnp.int32(0))
-    kv_zeros = jnp.zeros((cfg.num_hidden_layers, b, cfg.num_key_value_heads, cfg.head_dim), x.dtype)
-    skipped = (kv_zeros, kv_zeros, jnp.zeros((b, cfg.vocab_size), jnp.float32) if spec.loop_logits else None)
-    outputs = []
+    carry = (x, x, state.done, jnp.zeros((b,), jnp.int32), spec.policy.init(x[:, 0]), jnp.int32(0),
+             jnp.int32(0))
+    outputs = [None] * spec.policy.num_loops
     for t in range(spec.policy.num_loops):
-        # Some row is unfinished (else the token loop has stopped), so loop 1 always runs, and so does
-        # every loop of "compute" and of the "fixed" policy, which exits no row early: no cond (and its
-        # cost) there.
-        if t == 0 or spec.policy.kind == "fixed" or spec.skipped_kv == "compute":
-            carry, out = run_loop(t, carry)
-        else:
-            carry, out = jax.lax.cond(jnp.all(carry[2]), lambda c: (c, skipped),
-                                      functools.partial(run_loop, t), carry)
-        outputs.append(out)
-    _, h_exit, _, exit_index, _, loops_run = carry
+        carry, outputs[t] = run_loop(t, carry)
+    _, h_exit, _, exit_index, _, loops_run, row_loops = carry
     k, v, loop_logits = (None if per_loop[0] is None else jnp.stack(per_loop)
                          for per_loop in zip(*outputs, strict=True))
     if spec.skipped_kv == "copy":
@@ -318,7 +377,7 @@ def _decode_token(model, layers, spec: DecodeSpec, state: DecodeState, threshold
                 for i, x in enumerate((k, v)))
     if loop_logits is not None and spec.skipped_kv != "compute":
         loop_logits = fill_skipped(loop_logits, exit_index, 1)
-    return model.logits(h_exit)[:, 0], exit_index, k, v, loops_run, loop_logits
+    return model.logits(h_exit)[:, 0], exit_index, k, v, loops_run, row_loops, loop_logits
 
 
 def _decode(graphdef, spec: DecodeSpec, params, state: DecodeState, knobs: Knobs) -> DecodeState:
@@ -327,8 +386,8 @@ def _decode(graphdef, spec: DecodeSpec, params, state: DecodeState, knobs: Knobs
     layers = [layer.fuse() for layer in model.unstacked_layers()]
 
     def body(s: DecodeState) -> DecodeState:
-        logits, exit_index, k, v, loops_run, loop_logits = _decode_token(model, layers, spec, s,
-                                                                          knobs.threshold)
+        logits, exit_index, k, v, loops_run, row_loops, loop_logits = _decode_token(model, layers, spec, s,
+                                                                                     knobs.threshold)
         token = sample(logits, s.keys, s.index, greedy=spec.greedy, temperature=knobs.temperature,
                        top_k=spec.top_k, top_p=knobs.top_p if spec.top_p else None)
         token = jnp.where(s.done, spec.pad_id, token)
@@ -341,7 +400,7 @@ def _decode(graphdef, spec: DecodeSpec, params, state: DecodeState, knobs: Knobs
             exit_index=s.exit_index.at[:, s.index].set(exit_index),
             done=s.done | jnp.isin(token, knobs.stop_tokens),
             cache=s.cache.write(s.index - 1, k, v, exit_index),
-            loops_run=s.loops_run + loops_run,
+            loops_run=s.loops_run + loops_run, row_loops_run=s.row_loops_run + row_loops,
             loop_logits=None if loop_logits is None else s.loop_logits.at[s.index].set(loop_logits))
 
     return jax.lax.while_loop(lambda s: (s.index < spec.max_new_tokens) & ~jnp.all(s.done), body, state)
@@ -373,8 +432,10 @@ def _execute(model, spec: DecodeSpec, knobs: Knobs, ids, lengths, seeds, forced,
     """Prefill, then the decode loop (streaming to `on_token` when given).
     Returns (final state, prefill_s, decode_s, compile_s)."""
     graphdef, params = nnx.split(model)
+    # The prefill computes every loop for every row: these settings do not change it (nor recompile it).
+    prefill_spec = dataclasses.replace(spec, skipped_kv=DEFAULT_SKIPPED_KV, compact_rows=False)
     state, prefill_s, compile_prefill = _run(
-        _prefill, graphdef, spec, params, jnp.asarray(ids), jnp.asarray(lengths),
+        _prefill, graphdef, prefill_spec, params, jnp.asarray(ids), jnp.asarray(lengths),
         row_keys(jnp.asarray(seeds)), None if forced is None else jnp.asarray(forced), knobs)
     stream_id = int(knobs.stream_id)
     if on_token is not None:
@@ -454,7 +515,8 @@ def _policy(num_loops, exit_threshold, exit_at_loop, exit_policy, hidden_delta_e
 
 def _settings(config, max_new_tokens: int, *, exit_threshold, exit_at_loop, exit_policy, hidden_delta_eps,
               kv_sharing, temperature, top_k, top_p, stop_tokens, pad_id, output_loop_logits,
-              stream: bool, skipped_kv: str = DEFAULT_SKIPPED_KV) -> tuple[DecodeSpec, Knobs]:
+              stream: bool, skipped_kv: str = DEFAULT_SKIPPED_KV,
+              compact_rows: bool = DEFAULT_COMPACT_ROWS) -> tuple[DecodeSpec, Knobs]:
     """generate's settings, validated, split into the static `DecodeSpec` and the traced `Knobs`."""
     if kv_sharing not in SHARING:
         raise ValueError(f"kv_sharing={kv_sharing!r} must be one of {SHARING}")
@@ -467,11 +529,12 @@ def _settings(config, max_new_tokens: int, *, exit_threshold, exit_at_loop, exit
     policy, threshold = _policy(config.total_ut_steps, exit_threshold, exit_at_loop, exit_policy,
                                 hidden_delta_eps)
     greedy = temperature == 0
-    spec = DecodeSpec(policy=policy, kv_sharing=kv_sharing,
-                      skipped_kv=skipped_kv if kv_sharing == "none" else "copy",
+    skipped_kv = skipped_kv if kv_sharing == "none" else "copy"
+    spec = DecodeSpec(policy=policy, kv_sharing=kv_sharing, skipped_kv=skipped_kv,
                       max_new_tokens=max_new_tokens, greedy=greedy,
                       top_k=None if greedy else top_k, top_p=not greedy and top_p is not None,
-                      pad_id=pad_id, loop_logits=output_loop_logits, stream=stream)
+                      pad_id=pad_id, loop_logits=output_loop_logits, stream=stream,
+                      compact_rows=compact_rows and policy.kind != "fixed" and skipped_kv != "compute")
     knobs = Knobs(*(jnp.float32(x) for x in (threshold, temperature if not greedy else 1.0,
                                               1.0 if top_p is None else top_p)),
                   stop_tokens=jnp.asarray(_padded(stop_tokens), jnp.int32),
@@ -489,6 +552,8 @@ def _output(state: DecodeState, spec: DecodeSpec, prefill_s: float, decode_s: fl
         mean_depth=float(exit_loops[generated].mean()),
         loops_run=int(state.loops_run),
         loops_full_depth=(int(state.index) - 1) * spec.policy.num_loops,
+        row_loops_run=int(state.row_loops_run),
+        row_loops_full_depth=(int(state.index) - 1) * spec.policy.num_loops * tokens.shape[0],
         prefill_s=prefill_s, decode_s=decode_s, compile_s=compile_s,
         tokens_per_s=int(generated.sum()) / (prefill_s + decode_s),
         decode_tokens_per_s=decode_tokens / decode_s if decode_tokens else 0.0,
@@ -510,6 +575,7 @@ def generate(
     hidden_delta_eps: float = 0.05,
     kv_sharing: str = "none",
     skipped_kv: str = DEFAULT_SKIPPED_KV,
+    compact_rows: bool = DEFAULT_COMPACT_ROWS,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -546,6 +612,19 @@ def generate(
         100 % with "compute" at every q (copy: 99.4-99.7 %, up to 0.5 points less accurate) while
         running 0.76-0.84 of the loops at q = 0.2 (compute: all); at the cpu_benchmark shape with
         random weights it saved 4-28 % of decode time (copy 33-54 %, compute none).
+      compact_rows: run each loop only on the rows that need it (not yet exited and unfinished),
+        gathered into a bucket of a power-of-two size (or B) rows with their cache rows and scattered
+        back, so that rows that exited or stopped cost no layer compute (`_decode_token`). The same
+        tokens as without it. Off: every loop some row needs runs for the whole batch. It does not
+        apply to skipped_kv "compute" (every loop runs for every row by definition) nor to a fixed
+        depth (full, or `exit_at_loop`: no row exits early), which then run uncompacted. Default
+        on: at the cpu_benchmark shape (random weights, gate x10 / x30, q = 0.7 / 0.4,
+        `python -m ouro_jax.benchmarks --bench=decode.rows`, one run on a loaded 2-core machine) it
+        took 0.77-0.86 of full depth's decode time at batch 32 (uncompacted 0.95-1.12) and 0.84-0.97
+        at batch 8 (uncompacted 0.91-1.00); at batch 1 it is the uncompacted computation. The time
+        does not fall as fast as the executed row-loops (0.54-0.68 at batch 32): the LM head, the
+        cache writes and the K/V fill run for every row, and on CPU a layer on half the rows costs
+        more than half. It costs compilation time: one copy of the N layers per bucket size and loop.
       temperature: 0 is greedy; otherwise sampling with `top_k` / `top_p`, keys from `seed` (an int, or
         one per row; see `sampling.py`).
       stop_tokens: a row stops after generating one of these (kept in its output), then gets `pad_id`.
@@ -564,7 +643,8 @@ def generate(
     spec, knobs = _settings(
         cfg, max_new_tokens, exit_threshold=exit_threshold, exit_at_loop=exit_at_loop,
         exit_policy=exit_policy, hidden_delta_eps=hidden_delta_eps, kv_sharing=kv_sharing,
-        skipped_kv=skipped_kv, temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens,
+        skipped_kv=skipped_kv, compact_rows=compact_rows, temperature=temperature, top_k=top_k, top_p=top_p,
+        stop_tokens=stop_tokens,
         pad_id=pad_id, output_loop_logits=output_loop_logits, stream=on_token is not None)
     seeds = np.broadcast_to(np.asarray(seed, np.uint32), (ids.shape[0],))
     state, *timings = _execute(model, spec, knobs, ids, lengths, seeds, forced, on_token)
