@@ -7,11 +7,12 @@ loss-improvement targets (k = 50, gamma = 0.005).
       --config.init_from=<imported HF checkpoint or run> --config.data.array_record.paths=...
 
 The variant names the model the checkpoint holds: `demo` (configs/demo.py) or `ouro_1p4b` /
-`ouro_2p6b` (released shapes, trained on text shards). `--config.objective.pairing=next` supervises
-each loop's gate with the improvement of the next loop instead of the printed pairing. On the demo
-(1500 steps) the printed pairing taught the gate to exit after loop 1 for 67 % of tokens (where
-accuracy is 30 %); `next` gave a usable gate (Q-exit q = 0.5: 99.5 % answer accuracy at 3.05 loops;
-README, "Measured").
+`ouro_2p6b` (released shapes, trained on text shards). Each loop's gate is supervised with the next
+loop's loss improvement (`objective.pairing=next`); `--config.objective.pairing=printed` gives the
+pairing as the paper prints it. Measured on p-hop: with the printed pairing the demo's gate exited after
+loop 1 for 67 % of tokens (where accuracy is 30 %), while `next` gave 99.5 % answer accuracy at 3.05 loops
+(q = 0.5); on mixed 1-3-hop p-hop `next` beat the Stage I gate by up to 3.5 points at equal depth and
+`printed` did not (docs/experiments.md).
 """
 
 from ouro_jax.train import recipes
