@@ -5,12 +5,11 @@ runs every loop for every row, so there compaction does not apply (and changes n
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from ouro_jax.inference import generate, left_pad
 from ouro_jax.inference.decode import row_buckets
-from ouro_jax.model.config import tiny
-from ouro_jax.model.ouro import Ouro
+
+import util
 
 ROWS = ([5, 17, 3], [9, 8, 7, 6, 5, 4, 3, 2, 1], [40, 41, 42, 43, 44], [60, 2, 99, 14],
         [7, 77, 70, 33, 3, 1], [11, 12], [100, 90, 80, 70, 60, 50, 40], [1, 2, 3, 4])
@@ -22,12 +21,7 @@ STOP = (29, 61)  # stops some rows early, so that rows that have finished are le
 
 @pytest.fixture(scope="module")
 def model():
-    """A tiny Ouro whose exit gate is sharp enough that tokens exit at every loop, and whose LM head is
-    scaled so that greedy choices are not near-ties."""
-    model = Ouro(tiny(), rngs=nnx.Rngs(1))
-    model.early_exit_gate.kernel[...] = model.early_exit_gate.kernel[...] * 12
-    model.lm_head.kernel[...] = model.lm_head.kernel[...] * 8
-    return model
+    return util.sharp_exit_model()
 
 
 def expected_row_loops(exit_loops: np.ndarray, num_loops: int, compute: bool,

@@ -11,8 +11,6 @@ from flax import nnx
 
 from ouro_jax.convert.hf import to_torch
 from ouro_jax.inference import generate, left_pad
-from ouro_jax.model.config import tiny
-from ouro_jax.model.ouro import Ouro
 
 import oracle
 import util
@@ -25,12 +23,7 @@ QS = (0.2, 0.5, 0.8)
 
 @pytest.fixture(scope="module")
 def model():
-    """A tiny Ouro whose exit gate is sharp enough that tokens exit at every loop, and whose LM head is
-    scaled so that greedy choices are not near-ties."""
-    model = Ouro(tiny(), rngs=nnx.Rngs(1))
-    model.early_exit_gate.kernel[...] = model.early_exit_gate.kernel[...] * 12
-    model.lm_head.kernel[...] = model.lm_head.kernel[...] * 8
-    return model
+    return util.sharp_exit_model()
 
 
 @nnx.jit
