@@ -45,3 +45,17 @@ def test_unknown_benchmark_is_one_line():
     done = _benchmarks("--bench=train.compile,decode.sped")
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: unknown benchmark 'decode.sped'")
+
+
+def test_exit_benchmark_scores_answers_with_the_runs_own_task():
+    """decode.exit's accuracy reads the task's targets, so a mixed-hop run (hop token first) is scored on
+    its own examples: the targets themselves score 100 %, a wrong last answer 0 % at the last position."""
+    from ouro_jax.benchmarks.decode import _answer_accuracy
+    from ouro_jax.data.tasks import PHop
+
+    examples = PHop(n=16, p=3, alphabet=4, p_min=1, seed=0, stream=1).batch(range(32))
+    answers = examples["targets"][:, -8:].copy()
+    assert _answer_accuracy(examples, answers) == (100.0, 100.0)
+    answers[:, -1] = (answers[:, -1] + 1) % 4
+    accuracy, last = _answer_accuracy(examples, answers)
+    assert last == 0.0 and 0.0 < accuracy < 100.0

@@ -42,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from ouro_jax.benchmarks.common import Result, table, wall
-from ouro_jax.data.tasks import PHop, phop_targets
+from ouro_jax.data.tasks import PHop
 from ouro_jax.inference.decode import SKIPPED_KV, generate
 from ouro_jax.model import config as configs
 from ouro_jax.model.ouro import Ouro
@@ -137,16 +137,17 @@ def _trained_run(run_dir: str | None, train_steps: int) -> str:
     return workdir
 
 
-def _answer_accuracy(x: np.ndarray, predictions: np.ndarray, hops: int) -> tuple[float, float]:
+def _answer_accuracy(examples: dict[str, np.ndarray], predictions: np.ndarray) -> tuple[float, float]:
     """(all answered positions, last position) accuracy in %. predictions [B, M] are the answers at
-    positions n - M .. n - 1 of the sequences x [B, n]; positions without a full hop chain are skipped."""
-    targets, defined = phop_targets(x, hops)
-    answered = slice(x.shape[1] - predictions.shape[1], None)
+    positions n - M .. n - 1 of the p-hop `examples` (`PHop.batch`: targets, loss_mask [B, n]);
+    positions without a full hop chain are skipped."""
+    targets, defined = examples["targets"], examples["loss_mask"] > 0
+    answered = slice(targets.shape[1] - predictions.shape[1], None)
     correct, defined = predictions == targets[:, answered], defined[:, answered]
     return 100 * correct[defined].mean(), 100 * correct[:, -1][defined[:, -1]].mean()
 
 
-def _exit_table(model, x, prompt_len, settings, batch, hops, repeats) -> list[dict]:
+def _exit_table(model, examples, prompt_len, settings, batch, repeats) -> list[dict]:
     """One row per setting: accuracy, depth, loops run and decode time per decoded token.
 
     The first `prompt_len` tokens of each sequence are the prompt; the rest are fed back one by one
@@ -157,6 +158,7 @@ def _exit_table(model, x, prompt_len, settings, batch, hops, repeats) -> list[di
     as the decode time of a 1-token generation (no decode step), it is subtracted for the marginal time
     per token `us` and kept in `us_total`.
     """
+    x = examples["input_ids"]
     new_tokens = x.shape[1] - prompt_len + 1  # predictions for positions prompt_len - 1 .. n - 1
     forced = np.pad(x[:, prompt_len:], ((0, 0), (0, 1)))  # the last column is never fed back
     chunks = [slice(i, i + batch) for i in range(0, len(x), batch)]
@@ -178,7 +180,7 @@ def _exit_table(model, x, prompt_len, settings, batch, hops, repeats) -> list[di
         o = outs[name]
         exit_loops = np.concatenate([r.exit_loops for r in o])  # 1..T, 0 where no token was generated
         decoded = int((exit_loops[:, 1:] > 0).sum())
-        acc, last = _answer_accuracy(x, np.concatenate([r.tokens for r in o]), hops)
+        acc, last = _answer_accuracy(examples, np.concatenate([r.tokens for r in o]))
         result.append(dict(
             name=name, acc=acc, last=last, depth=float(exit_loops[exit_loops > 0].mean()),
             tokens=np.concatenate([r.tokens for r in o]),
@@ -206,7 +208,9 @@ def exit_policies(*, repeats: int, run_dir: str | None, train_steps: int = 1500,
     model = from_pretrained(run_dir)
     data = run.read_config(run_dir).data
     n, phop = data.seq_len, data.phop
-    x = PHop(n=n, p=phop.p, alphabet=phop.alphabet, seed=12345, stream=1).batch(range(examples))["input_ids"]
+    task = PHop(n=n, p=phop.p, alphabet=phop.alphabet, p_min=phop.get("p_min", 0), seed=12345, stream=1)
+    held_out = task.batch(range(examples))  # the run's task: fixed p, or hop counts p_min..p per example
+    hops = f"{task.p_min}..{task.p}-hop" if task.mixed else f"{task.p}-hop"
     prompt_len = n // 2
     settings = ([("full depth", {})]
                 + [(f"Q-exit q={q} {kv}", {"exit_threshold": float(q), "skipped_kv": kv})
@@ -214,9 +218,9 @@ def exit_policies(*, repeats: int, run_dir: str | None, train_steps: int = 1500,
                 + [(f"relative hidden delta eps={e}",
                     {"exit_policy": "hidden_delta_relative", "hidden_delta_eps": float(e)}) for e in deltas])
     sections, figures = [], {"run_dir": str(run_dir), "examples": examples, "prompt_len": prompt_len,
-                             "seq_len": n, "hops": phop.p, "repeats": repeats, "batches": []}
+                             "seq_len": n, "hops": hops, "repeats": repeats, "batches": []}
     for batch in batches:
-        rows = _exit_table(model, x, prompt_len, settings, batch, phop.p, repeats)
+        rows = _exit_table(model, held_out, prompt_len, settings, batch, repeats)
         full = rows[0]
         ok = [r for r in rows if r["name"].startswith("Q-exit") and r["acc"] >= full["acc"] - 1.0]
         best = max(ok, key=lambda r: r["saved"], default=None)
@@ -224,7 +228,7 @@ def exit_policies(*, repeats: int, run_dir: str | None, train_steps: int = 1500,
                    f"depth, decode time per token {-best['saved']:+.0f} % (loops run "
                    f"{best['executed']:.2f} of full depth's)" if best else "none")
         sections.append(
-            f"adaptive exit, batch {batch} ({examples} held-out {phop.p}-hop sequences of length {n}: "
+            f"adaptive exit, batch {batch} ({examples} held-out {hops} sequences of length {n}: "
             f"prompt {prompt_len}, then {n - prompt_len} decode steps answering positions "
             f"{prompt_len - 1}..{n - 1}; run {run_dir})\n\n"
             + table(["policy", "answer acc %", "agree w/ compute %", "last-position acc %",
