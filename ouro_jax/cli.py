@@ -15,6 +15,7 @@ and turns the user mistakes that `main` raises (`UserError`, `ValueError`, `OSEr
 from __future__ import annotations
 
 import logging as std_logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -52,7 +53,8 @@ def _last_exception(text: str) -> str:
     if kind not in ("ConfigError", "UserError", "ValueError"):
         message = f"{kind}: {message}"
     path = flag.group(1) if flag else None
-    return message if path is None or path in message.split(":", 1)[0] else f"{path}: {message}"
+    named = path is not None and os.path.basename(path) in message.split(":", 1)[0]
+    return message if path is None or named else f"{path}: {message}"
 
 
 def fail(message: BaseException | str, status: int = USAGE_ERROR):
@@ -66,6 +68,9 @@ def _parse(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except (flags.Error, ValueError) as err:
         fail(err)
+    except OSError as err:  # ml_collections: a config file that cannot be read
+        missing = re.search(r"No such file or directory: '([^']+)'", str(err))
+        fail(f"no such config file: {missing.group(1)}" if missing else err)
     except Exception as err:  # raised by a config file's own code (KeyError, NameError, SyntaxError, ...)
         fail(f"{type(err).__name__}: {one_line(err)}")
 

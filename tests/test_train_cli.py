@@ -80,7 +80,9 @@ def test_mistakes_against_an_existing_run_touch_nothing(trained, extra, needle):
     ("configs/ouro_1p4b.py:9", "stage='9' must be one of 1a, 1b, 2, 3, 4"),
 ])
 def test_bad_config_files_and_variants(tmp_path, config, needle):
-    assert_refused(run_cli(train_args(tmp_path / "new", config=config)), needle)
+    result = run_cli(train_args(tmp_path / "new", config=config))
+    assert_refused(result, needle)
+    assert result.stderr.count(config.split(":")[0]) == 1  # the file is named once
     assert not (tmp_path / "new").exists()
 
 
