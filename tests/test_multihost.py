@@ -54,6 +54,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _process_env(devices: int, xla_flags: str = "", **extra: str) -> dict[str, str]:
+    """The environment of one CPU process with `devices` devices (the suite's 8-device flag removed)."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices),
+            "XLA_FLAGS": flags + xla_flags, **extra}
+
+
 class Launch:
     """One training command started as `num_processes` processes (each DEVICES // num_processes CPU devices),
     output in WORKDIR.p<i>.log."""
@@ -62,10 +69,8 @@ class Launch:
         self.workdir, self.num_processes = workdir, num_processes
         port = _free_port()
         flags = [f"--config.{k}={v}" for k, v in SMALL.items()]
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(DEVICES // num_processes),
-               "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-               "XLA_FLAGS": re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                                   os.environ.get("XLA_FLAGS", "")) + FAST_COMPILE}
+        env = _process_env(DEVICES // num_processes, FAST_COMPILE, JAX_COMPILATION_CACHE_DIR=cache,
+                           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
         self.logs = [f"{workdir}.p{i}.log" for i in range(num_processes)]
         self.procs = []
         for i, log in enumerate(self.logs):
@@ -175,8 +180,7 @@ def _evaluate(model: str, out: Path, num_processes: int) -> list[tuple[int, str,
     """`python -m ouro_jax.evaluate` as `num_processes` processes of 2 CPU devices each; per process
     (exit status, stdout, stderr)."""
     port = _free_port()
-    xla_flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2", "XLA_FLAGS": xla_flags}
+    env = _process_env(2)
     procs, logs = [], []
     for i in range(num_processes):
         multi = [f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",

@@ -112,7 +112,7 @@ def main(argv):
         num_batches=_NUM_BATCHES.value, tokenizer=tokenizer, field=_TEXT_FIELD.value)
     num_loops = config.total_ut_steps + _EXTRA_LOOPS.value
     primary = jax.process_index() == 0
-    mine = len(range(jax.process_index(), len(batches), jax.process_count()))
+    mine = len(metrics.process_share(len(batches)))
     result = metrics.evaluate(model, batches, grid, num_loops=num_loops,
                               progress=_Progress(mine, "batches" if mine == len(batches) else
                                                  f"of process 0's share of {len(batches)} batches")

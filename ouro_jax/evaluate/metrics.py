@@ -131,10 +131,10 @@ def evaluate(model: Ouro, batches: Sequence[Batch], grid: policies.Grid, *, num_
     params = jax.device_put(nnx.state(model), device)
     thresholds = jax.device_put(grid.arrays(), device)
     put = lambda batch: {k: jax.device_put(np.asarray(batch[k]), device) for k in MODEL_KEYS}
-    shapes = jax.eval_shape(fn, params, put(batches[0]), *thresholds)
+    first = {k: np.asarray(batches[0][k]) for k in MODEL_KEYS}
+    shapes = jax.eval_shape(fn, params, first, *thresholds)
     totals = {key: np.zeros(x.shape, np.float64) for key, x in shapes.items()}
-    mine = range(jax.process_index(), len(batches), jax.process_count())
-    for done, i in enumerate(mine, start=1):
+    for done, i in enumerate(process_share(len(batches)), start=1):
         for key, value in jax.device_get(fn(params, put(batches[i]), *thresholds)).items():
             totals[key] += np.asarray(value, np.float64)
         if progress is not None:
@@ -144,6 +144,11 @@ def evaluate(model: Ouro, batches: Sequence[Batch], grid: policies.Grid, *, num_
     if totals["num_tokens"] == 0:
         raise ValueError("the evaluation data has no scored tokens")
     return summarize(totals, grid, trained_loops=trained)
+
+
+def process_share(num_batches: int) -> range:
+    """The indices of the batches this process evaluates: every `jax.process_count()`-th one."""
+    return range(jax.process_index(), num_batches, jax.process_count())
 
 
 def _sum_over_processes(totals: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
