@@ -35,8 +35,11 @@ decoded positions of all T x N caches (masked); HF's dynamic cache reads only th
 
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from flax import nnx
@@ -50,6 +53,17 @@ from ouro_jax.model.ouro import Ouro
 
 def _benchmark_model() -> Ouro:
     return Ouro(configs.cpu_benchmark(), rngs=nnx.Rngs(0))
+
+
+def _timed(calls: list[Callable[[], Any]], repeats: int, order: np.random.Generator) -> tuple[list, list]:
+    """Run each of `calls` (argument-free `generate` calls) `repeats` times, each round in a fresh random
+    order drawn from `order` (no position bias) -> (each call's last output, its minimum decode_s)."""
+    outs, best = [None] * len(calls), [np.inf] * len(calls)
+    for _ in range(repeats):
+        for i in order.permutation(len(calls)):
+            outs[i] = calls[i]()
+            best[i] = min(best[i], outs[i].stats.decode_s)
+    return outs, best
 
 
 # --- speed -------------------------------------------------------------------------------------
@@ -167,14 +181,12 @@ def _exit_table(model, examples, prompt_len, settings, batch, repeats) -> list[d
     fixed, order = np.inf, np.random.default_rng(0)
     for c, rows in enumerate(chunks):
         prompts = x[rows, :prompt_len]
-        for _ in range(repeats):
-            for i in order.permutation(len(settings) + 1):  # a fresh random order: no position bias
-                if i == len(settings):
-                    fixed = min(fixed, generate(model, prompts, 1).stats.decode_s)
-                    continue
-                name, kwargs = settings[i]
-                outs[name][c] = generate(model, prompts, new_tokens, forced_tokens=forced[rows], **kwargs)
-                times[name][c] = min(times[name][c], outs[name][c].stats.decode_s)
+        calls = [functools.partial(generate, model, prompts, new_tokens, forced_tokens=forced[rows], **kwargs)
+                 for _, kwargs in settings] + [functools.partial(generate, model, prompts, 1)]
+        chunk_outs, chunk_times = _timed(calls, repeats, order)
+        fixed = min(fixed, chunk_times[-1])
+        for (name, _), out, seconds in zip(settings, chunk_outs[:-1], chunk_times[:-1], strict=True):
+            outs[name][c], times[name][c] = out, seconds
     result = []
     for name, _ in settings:
         o = outs[name]
@@ -258,11 +270,9 @@ def _exit_mechanism(repeats: int, skipped_kv: tuple[str, ...]) -> tuple[str, lis
     outs = {name: [None] * len(prompts) for name, _ in settings}
     order = np.random.default_rng(0)
     for c, prompt in enumerate(prompts):
-        for _ in range(repeats):
-            for i in order.permutation(len(settings)):
-                name, kwargs = settings[i]
-                outs[name][c] = generate(model, prompt[None], 65, **kwargs)
-                times[name][c] = min(times[name][c], outs[name][c].stats.decode_s)
+        calls = [functools.partial(generate, model, prompt[None], 65, **kwargs) for _, kwargs in settings]
+        for (name, _), out, seconds in zip(settings, *_timed(calls, repeats, order), strict=True):
+            outs[name][c], times[name][c] = out, seconds
     figures = []
     for name, _ in settings:
         stats = [o.stats for o in outs[name]]
@@ -299,16 +309,12 @@ def rows(*, repeats: int, batches: list[int], gate_scales: list[float], threshol
             settings = [("full depth", None, False)] + [
                 (f"q={q} {'compacted' if c else 'uncompacted'}", q, c)
                 for q in thresholds for c in (False, True)]
-            times, outs = [np.inf] * len(settings), [None] * len(settings)
-            run = lambda q, compact, ids=ids: generate(model, ids, new_tokens, exit_threshold=q,
-                                                       skipped_kv="project", compact_rows=compact)
-            for _, q, compact in settings:  # compile and warm up
-                run(q, compact)
-            order = np.random.default_rng(0)
-            for _ in range(repeats):
-                for i in order.permutation(len(settings)):
-                    outs[i] = run(*settings[i][1:])
-                    times[i] = min(times[i], outs[i].stats.decode_s)
+            calls = [functools.partial(generate, model, ids, new_tokens, exit_threshold=q,
+                                       skipped_kv="project", compact_rows=compact)
+                     for _, q, compact in settings]
+            for call in calls:  # compile and warm up
+                call()
+            outs, times = _timed(calls, repeats, np.random.default_rng(0))
             for (name, q, compact), out, seconds in zip(settings, outs, times, strict=True):
                 decoded = out.exit_loops[:, 1:]
                 row = {"batch": batch, "gate_scale": scale, "q": q, "compact_rows": compact,
