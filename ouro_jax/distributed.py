@@ -104,11 +104,10 @@ def _explicit(address: str | None, count: int | None, index: int | None) -> Laun
         raise DistributedError("--num_processes is needed with --coordinator_address/--process_id")
     if count < 1:
         raise DistributedError(f"--num_processes must be at least 1, got {count}")
-    if index is None:
-        index = 0 if count == 1 else None
-    if index is None:
+    if index is None and count > 1:
         raise DistributedError(f"--process_id is needed: which of the {count} processes this is "
                                f"(0..{count - 1})")
+    index = 0 if index is None else index
     if not 0 <= index < count:
         raise DistributedError(f"--process_id={index} is out of range for --num_processes={count} "
                                f"(ids are 0..{count - 1})")
