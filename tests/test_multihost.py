@@ -105,9 +105,14 @@ def end_leftovers():
     STARTED.clear()
 
 
+GLOO_REPORT = re.compile(r"\d+ is connected to \d+ peer ranks")
+
+
 def messages(output: str) -> list[str]:
-    """The lines of a process's output, without gloo's connection reports (printed by its C++ code)."""
-    return [line for line in output.strip().splitlines() if not line.startswith("[Gloo]")]
+    """The lines of a process's output, without gloo's connection reports ("[Gloo] Rank 0 is connected to 1
+    peer ranks. ..."), which its C++ code writes in pieces that other output can split across lines."""
+    output = output.replace("[Gloo] Rank ", "")
+    return [line for line in output.strip().splitlines() if line.strip() and not GLOO_REPORT.match(line)]
 
 
 def records(workdir):
