@@ -44,21 +44,6 @@ def expected_row_loops(exit_loops: np.ndarray, num_loops: int, compute: bool,
     return loops, rows
 
 
-def _assert_same_decoding(plain, compact):
-    np.testing.assert_array_equal(compact.tokens, plain.tokens)
-    np.testing.assert_array_equal(compact.exit_loops, plain.exit_loops)
-    np.testing.assert_array_equal(compact.lengths, plain.lengths)
-    # Decoded position j holds token j's K/V, defined when token j + 1 was generated (else the row had
-    # stopped and the entry is never read); every loop's slot is defined (computed or filled).
-    defined = plain.exit_loops[:, 1:] > 0  # [B, M - 1]
-    for ours, theirs in ((compact.cache.decode_k, plain.cache.decode_k),
-                         (compact.cache.decode_v, plain.cache.decode_v)):
-        for x, y in zip(ours, theirs, strict=True):
-            x, y = np.asarray(x)[:, :, :-1], np.asarray(y)[:, :, :-1]  # [B, K, M - 1, H]
-            np.testing.assert_allclose(x.transpose(0, 2, 1, 3)[defined], y.transpose(0, 2, 1, 3)[defined],
-                                       rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("skipped_kv", ["compute", "project", "copy"])
 @pytest.mark.parametrize("rows", list(BATCHES.values()), ids=list(BATCHES))
 def test_compacted_equals_uncompacted(model, rows, skipped_kv):
@@ -71,7 +56,7 @@ def test_compacted_equals_uncompacted(model, rows, skipped_kv):
                                   skipped_kv=skipped_kv, stop_tokens=STOP, compact_rows=compact)
                 for compact in (False, True)}
         plain, compact = outs[False], outs[True]
-        _assert_same_decoding(plain, compact)
+        util.assert_same_decoding(plain, compact)
         for c, out in outs.items():
             loops, row_loops = expected_row_loops(out.exit_loops, t_max, skipped_kv == "compute", c)
             assert (out.stats.loops_run, out.stats.row_loops_run) == (loops, row_loops), f"q={q} compact={c}"
@@ -92,6 +77,6 @@ def test_compacted_equals_uncompacted_with_kv_sharing(model, kv_sharing):
         plain, compact = (generate(model, ids, NEW, prompt_lengths=lengths, exit_threshold=q,
                                    kv_sharing=kv_sharing, stop_tokens=STOP, compact_rows=compact)
                           for compact in (False, True))
-        _assert_same_decoding(plain, compact)
+        util.assert_same_decoding(plain, compact)
         assert compact.stats.row_loops_run == expected_row_loops(
             compact.exit_loops, model.config.total_ut_steps, False, True)[1]

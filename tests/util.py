@@ -69,3 +69,20 @@ def sharp_exit_model():
     model.early_exit_gate.kernel[...] = model.early_exit_gate.kernel[...] * 12
     model.lm_head.kernel[...] = model.lm_head.kernel[...] * 8
     return model
+
+
+def assert_same_decoding(expected, actual):
+    """Two `generate` outputs agree: tokens, exit loops, lengths, and every cache entry a later token
+    could read."""
+    np.testing.assert_array_equal(actual.tokens, expected.tokens)
+    np.testing.assert_array_equal(actual.exit_loops, expected.exit_loops)
+    np.testing.assert_array_equal(actual.lengths, expected.lengths)
+    # Decoded position j holds token j's K/V, defined when token j + 1 was generated (else the row had
+    # stopped and the entry is never read); every loop's slot is defined (computed or filled).
+    defined = expected.exit_loops[:, 1:] > 0  # [B, M - 1]
+    for ours, theirs in ((actual.cache.decode_k, expected.cache.decode_k),
+                         (actual.cache.decode_v, expected.cache.decode_v)):
+        for x, y in zip(ours, theirs, strict=True):
+            x, y = np.asarray(x)[:, :, :-1], np.asarray(y)[:, :, :-1]  # [B, K, M - 1, H]
+            np.testing.assert_allclose(x.transpose(0, 2, 1, 3)[defined], y.transpose(0, 2, 1, 3)[defined],
+                                       rtol=1e-5, atol=1e-6)

@@ -84,7 +84,7 @@ class KVCache:
     @classmethod
     def create(cls, prompt_k, prompt_v, max_new_tokens: int, sharing: str) -> KVCache:
         """Wrap the prefill's K/V (nested [t][l] lists of [B, K, P, H]) and allocate zeroed decode slots
-        for M tokens."""
+        for `max_new_tokens` tokens (the decoder passes its first phase's length, `grow` adds the rest)."""
         if sharing not in SHARING:
             raise ValueError(f"kv_sharing={sharing!r} must be one of {SHARING}")
         flat = lambda nested: tuple(x for per_loop in nested for x in per_loop)
@@ -94,13 +94,24 @@ class KVCache:
         zeros = lambda: tuple(jnp.zeros((b, k, max_new_tokens, h), dtype) for _ in range(slots))
         return cls(flat(prompt_k), flat(prompt_v), zeros(), zeros(), len(prompt_k[0]), sharing)
 
+    @property
+    def decoded_length(self) -> int:
+        """Decoded-token positions the slots hold (static)."""
+        return self.decode_k[0].shape[2]
+
+    def grow(self, length: int) -> KVCache:
+        """The same cache with decode slots of `length` >= `decoded_length` positions (zeros appended)."""
+        pad = ((0, 0), (0, 0), (0, length - self.decoded_length), (0, 0))
+        grown = lambda slots: tuple(jnp.pad(x, pad) for x in slots)
+        return self.replace(decode_k=grown(self.decode_k), decode_v=grown(self.decode_v))
+
     def prompt(self, loop: int, layer: int) -> tuple[jax.Array, jax.Array]:
         """Prompt K/V read at (loop index, layer): two [B, K, P, H] arrays."""
         slot = loop * self.num_layers + layer
         return self.prompt_k[slot], self.prompt_v[slot]
 
     def decoded(self, loop: int, layer: int) -> tuple[jax.Array, jax.Array]:
-        """Decoded-token K/V read at (loop index, layer): two [B, K, M, H] arrays."""
+        """Decoded-token K/V read at (loop index, layer): two [B, K, `decoded_length`, H] arrays."""
         slot = loop * self.num_layers + layer if self.sharing == "none" else layer
         return self.decode_k[slot], self.decode_v[slot]
 

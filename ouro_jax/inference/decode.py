@@ -23,7 +23,10 @@ the layers' `attend` hook differs:
            the last position at its exit loop (the policy applied to the already computed loops:
            prefill saves no compute).
   decode   `lax.while_loop` over tokens, stopping when all rows are done or M tokens exist; attention is
-           `_cached_attention` over the cache. A token's T loops are unrolled (unrolling lets every
+           `_cached_attention` over the cache. The loop runs in phases (`cache_phases`): the decoded-token
+           slots grow from 64 positions, doubling, to M, so a token's attention reads at most twice the
+           positions filled so far instead of all M (decoding is memory-bound on CPU: every (loop, layer)
+           reads its own slots). A token's T loops are unrolled (unrolling lets every
            loop address its own cache slots statically; a dynamic loop index would copy the loop's
            whole cache slice each time). The exit policy (`policies.py`) picks each row's exit loop,
            whose state (hence logits) is frozen there. What happens to the loops after it is
@@ -53,6 +56,7 @@ import dataclasses
 import functools
 import itertools
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import jax
@@ -71,6 +75,18 @@ EXIT_POLICIES = ("gate", "hidden_delta", "hidden_delta_relative")
 SKIPPED_KV = ("compute", "project", "copy")  # the K/V of the loops a token skips (`generate`)
 DEFAULT_SKIPPED_KV = "project"  # why: the `generate` docstring
 DEFAULT_COMPACT_ROWS = True  # why: the `generate` docstring
+FIRST_PHASE = 64  # decoded positions of the decode loop's first phase (`cache_phases`)
+
+
+def cache_phases(max_new_tokens: int) -> tuple[int, ...]:
+    """The decoded-token cache lengths of the decode loop's phases: FIRST_PHASE, doubling, then M
+    (e.g. 64, 128, 200 for M = 200). Phase j runs the tokens whose cache position fits its length, so
+    attention reads at most twice the positions filled so far instead of all M; each phase is one more
+    compiled copy of the token step."""
+    lengths = [FIRST_PHASE]
+    while lengths[-1] < max_new_tokens:
+        lengths.append(2 * lengths[-1])
+    return (*lengths[:-1], max_new_tokens)
 
 
 def row_buckets(batch: int) -> tuple[int, ...]:
@@ -86,7 +102,8 @@ class DecodeSpec:
     has no per-loop slots to fill and skipped loops are never computed); loop_logits: keep every
     loop's logits; stream: the decode loop reports every token to the `on_token` callback registered
     under `Knobs.stream_id`; compact_rows: each loop runs only on the rows that need it, gathered into a
-    bucket of `row_buckets(B)` rows (`_decode_token`; never with the "fixed" policy or "compute")."""
+    bucket of `row_buckets(B)` rows (`_decode_token`; never with the "fixed" policy or "compute");
+    cache_phases: the decoded-token cache length of each phase of the decode loop (`cache_phases`)."""
 
     policy: ExitPolicy
     kv_sharing: str
@@ -99,6 +116,7 @@ class DecodeSpec:
     loop_logits: bool
     stream: bool
     compact_rows: bool
+    cache_phases: tuple[int, ...]
 
 
 @struct.dataclass
@@ -272,7 +290,7 @@ def _prefill(graphdef, spec: DecodeSpec, params, input_ids, lengths, keys, force
         tokens=jnp.full((b, m), spec.pad_id, jnp.int32).at[:, 0].set(token), forced=forced,
         exit_index=jnp.full((b, m), -1, jnp.int32).at[:, 0].set(exit_index),
         done=jnp.isin(token, knobs.stop_tokens),
-        lengths=lengths, keys=keys, cache=KVCache.create(ks, vs, m, spec.kv_sharing),
+        lengths=lengths, keys=keys, cache=KVCache.create(ks, vs, spec.cache_phases[0], spec.kv_sharing),
         loops_run=jnp.int32(0), row_loops_run=jnp.int32(0), loop_logits=loop_logits)
 
 
@@ -302,7 +320,7 @@ def _decode_token(model, layers, spec: DecodeSpec, state: DecodeState, threshold
     cos, sin = rope_cos_sin(state.lengths[:, None] + position, cfg.head_dim, cfg.rope_theta,
                             cfg.compute_jnp_dtype)
     prompt_valid = jnp.arange(p)[None] >= (p - state.lengths)[:, None]
-    decoded_valid = jnp.arange(spec.max_new_tokens) < position
+    decoded_valid = jnp.arange(cache.decoded_length) < position
 
     def layers_on(t, h, rows=None):
         """The N layers of loop index t on rows `rows` [S] int32 of the batch (None: all B; indices
@@ -403,7 +421,11 @@ def _decode(graphdef, spec: DecodeSpec, params, state: DecodeState, knobs: Knobs
             loops_run=s.loops_run + loops_run, row_loops_run=s.row_loops_run + row_loops,
             loop_logits=None if loop_logits is None else s.loop_logits.at[s.index].set(loop_logits))
 
-    return jax.lax.while_loop(lambda s: (s.index < spec.max_new_tokens) & ~jnp.all(s.done), body, state)
+    for length in spec.cache_phases:  # token index i writes decoded position i - 1
+        state = jax.lax.while_loop(
+            lambda s, length=length: (s.index <= length) & (s.index < spec.max_new_tokens) & ~jnp.all(s.done),
+            body, state.replace(cache=state.cache.grow(length)))
+    return state
 
 
 # --- compilation cache and running ------------------------------------------------------------------
@@ -411,7 +433,10 @@ def _decode(graphdef, spec: DecodeSpec, params, state: DecodeState, knobs: Knobs
 def _compile(fn, graphdef, spec: DecodeSpec, treedef, leaves):
     args = jax.tree.unflatten(treedef, leaves)
     donate = (3,) if fn is _decode else ()  # the decode loop updates the prefill's cache in place
-    return jax.jit(fn, static_argnums=(0, 1), donate_argnums=donate).lower(graphdef, spec, *args).compile()
+    with warnings.catch_warnings():  # the first phase's decode slots are donated but outgrown (`_decode`)
+        warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+        lowered = jax.jit(fn, static_argnums=(0, 1), donate_argnums=donate).lower(graphdef, spec, *args)
+        return lowered.compile()
 
 
 def _run(fn, graphdef, spec, *args):
@@ -534,7 +559,8 @@ def _settings(config, max_new_tokens: int, *, exit_threshold, exit_at_loop, exit
                       max_new_tokens=max_new_tokens, greedy=greedy,
                       top_k=None if greedy else top_k, top_p=not greedy and top_p is not None,
                       pad_id=pad_id, loop_logits=output_loop_logits, stream=stream,
-                      compact_rows=compact_rows and policy.kind != "fixed" and skipped_kv != "compute")
+                      compact_rows=compact_rows and policy.kind != "fixed" and skipped_kv != "compute",
+                      cache_phases=cache_phases(max_new_tokens))
     knobs = Knobs(*(jnp.float32(x) for x in (threshold, temperature if not greedy else 1.0,
                                               1.0 if top_p is None else top_p)),
                   stop_tokens=jnp.asarray(_padded(stop_tokens), jnp.int32),
