@@ -46,7 +46,7 @@ from flax import nnx
 
 from ouro_jax.benchmarks.common import Result, table, wall
 from ouro_jax.data.tasks import PHop
-from ouro_jax.inference.decode import SKIPPED_KV, generate
+from ouro_jax.inference.decode import SKIPPED_KV, cache_phases, generate
 from ouro_jax.model import config as configs
 from ouro_jax.model.ouro import Ouro
 
@@ -89,7 +89,8 @@ def speed(*, repeats: int, batches: list[int], prompt_len: int = 64, new_tokens:
                 return torch_model.generate(ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=n,
                                             min_new_tokens=n, do_sample=False, pad_token_id=0)
 
-        same = bool((ours(m).tokens == theirs(m)[:, ids.shape[1]:].numpy()).all())  # also warms up
+        first = ours(m)  # compiles (prefill and the decode loop's phases)
+        same = bool((first.tokens == theirs(m)[:, ids.shape[1]:].numpy()).all())
         ours(1), theirs(1)
         walls = {}
         for _ in range(repeats):  # interleaved, so machine noise hits both alike; min is the estimate
@@ -101,14 +102,17 @@ def speed(*, repeats: int, batches: list[int], prompt_len: int = 64, new_tokens:
         inner = max(ours(m).stats.decode_tokens_per_s for _ in range(repeats))
         tokens = batch * (m - 1)
         rows.append([batch, f"{tokens / ours_s:.0f}", f"{inner:.0f}", f"{tokens / theirs_s:.0f}",
-                     f"{theirs_s / ours_s:.1f}x", same])
+                     f"{theirs_s / ours_s:.1f}x", same, f"{first.stats.compile_s:.1f}"])
         figures.append({"batch": batch, "ouro_jax_tokens_per_s": tokens / ours_s,
                         "ouro_jax_decode_loop_tokens_per_s": inner, "hf_tokens_per_s": tokens / theirs_s,
-                        "speedup": theirs_s / ours_s, "same_tokens": same})
-    text = (f"decode speed (cpu_benchmark shape, prompt {prompt_len}, {m} new tokens, greedy, float32)\n\n"
+                        "speedup": theirs_s / ours_s, "same_tokens": same,
+                        "ouro_jax_compile_s": first.stats.compile_s})
+    text = (f"decode speed (cpu_benchmark shape, prompt {prompt_len}, {m} new tokens, greedy, float32; "
+            f"decode loop phases {cache_phases(m)}; torch threads {torch.get_num_threads()})\n\n"
             + table(["batch", "ouro_jax tok/s", "ouro_jax tok/s (decode loop only)",
-                     "PyTorch HF generate tok/s", "speed-up", "same tokens"], rows))
-    return Result(text, {"batches": figures, "prompt_len": prompt_len, "new_tokens": m, "repeats": repeats})
+                     "PyTorch HF generate tok/s", "speed-up", "same tokens", "ouro_jax compile s"], rows))
+    return Result(text, {"batches": figures, "prompt_len": prompt_len, "new_tokens": m, "repeats": repeats,
+                         "cache_phases": list(cache_phases(m)), "torch_threads": torch.get_num_threads()})
 
 
 # --- cache -------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ code's `cache_idx`), so that a loop reads and writes its slots with no slicing c
                       [B, K, M, H], ONE slot per layer that every loop reads, so decoded-token memory
                       is 1/T of "none".
 Decoded token j (the j-th token fed back, j = 0..M-2) lives at position j; position M-1 is never written
-(the last generated token is not fed back).
+(the last generated token is not fed back). The decoder allocates the decode slots for its first phase
+and `grow`s them phase by phase to M positions (`decode.cache_phases`), so M above is their final length.
 
 Which K/V a query reads, for the token being decoded at loop index t, layer l:
   * prompt tokens: their own loop-t K/V, slot (t, l);
