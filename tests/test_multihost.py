@@ -105,14 +105,18 @@ def end_leftovers():
     STARTED.clear()
 
 
-GLOO_REPORT = re.compile(r"\d+ is connected to \d+ peer ranks")
+GLOO_TEXTS = re.compile(r"\[Gloo\] Rank | is connected to | peer ranks\. "
+                        r"|Expected number of connected peer ranks is : ")
 
 
 def messages(output: str) -> list[str]:
     """The lines of a process's output, without gloo's connection reports ("[Gloo] Rank 0 is connected to 1
-    peer ranks. ..."), which its C++ code writes in pieces that other output can split across lines."""
-    output = output.replace("[Gloo] Rank ", "")
-    return [line for line in output.strip().splitlines() if line.strip() and not GLOO_REPORT.match(line)]
+    peer ranks. Expected number of connected peer ranks is : 1"). Its C++ code writes a report in pieces,
+    from several threads, so reports interleave with each other and with other output: the fixed texts are
+    removed wherever they are, and the numbers left over are dropped where they stand alone on a line or
+    before an error line."""
+    lines = (re.sub(r"^\d+(?=error: )", "", line) for line in GLOO_TEXTS.sub("", output).splitlines())
+    return [line for line in lines if not re.fullmatch(r"[\d\s]*", line)]
 
 
 def records(workdir):

@@ -29,8 +29,11 @@
                 and the decode time relative to full depth, compacted and not. Minimum decode-loop
                 time over `repeats` runs, settings interleaved in random order.
 
-Why batch-8 decode trails HF's speed-up at batch 1: with static shapes every decoded token reads all M
-decoded positions of all T x N caches (masked); HF's dynamic cache reads only the filled part.
+Why batch-8 decode trails HF's speed-up at batch 1: at batch 8 a decode step is its small matmuls plus
+reading the K/V of all T x N (loop, layer) caches for every row, prompt and decoded positions (the
+decode loop's phases read at most twice the filled decoded positions, HF's dynamic cache exactly those);
+both are near this CPU's limits, while at batch 1 HF's per-call Python overhead dominates (README,
+Benchmarks).
 """
 
 from __future__ import annotations
