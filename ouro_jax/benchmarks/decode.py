@@ -32,8 +32,8 @@
 Why batch-8 decode trails HF's speed-up at batch 1: at batch 8 a decode step is its small matmuls plus
 reading the K/V of all T x N (loop, layer) caches for every row, prompt and decoded positions (the
 decode loop's phases read at most twice the filled decoded positions, HF's dynamic cache exactly those);
-both are near this CPU's limits, while at batch 1 HF's per-call Python overhead dominates (README,
-Benchmarks).
+both are large against this CPU's FLOP rate and memory bandwidth, while at batch 1 HF's per-call Python
+overhead dominates (README, Benchmarks).
 """
 
 from __future__ import annotations
