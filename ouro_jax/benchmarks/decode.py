@@ -110,12 +110,13 @@ def speed(*, repeats: int, batches: list[int], prompt_len: int = 64, new_tokens:
                         "ouro_jax_decode_loop_tokens_per_s": inner, "hf_tokens_per_s": tokens / theirs_s,
                         "speedup": theirs_s / ours_s, "same_tokens": same,
                         "ouro_jax_compile_s": first.stats.compile_s})
+    phases, threads = cache_phases(m), torch.get_num_threads()
     text = (f"decode speed (cpu_benchmark shape, prompt {prompt_len}, {m} new tokens, greedy, float32; "
-            f"decode loop phases {cache_phases(m)}; torch threads {torch.get_num_threads()})\n\n"
+            f"decode loop phases {phases}; torch threads {threads})\n\n"
             + table(["batch", "ouro_jax tok/s", "ouro_jax tok/s (decode loop only)",
                      "PyTorch HF generate tok/s", "speed-up", "same tokens", "ouro_jax compile s"], rows))
     return Result(text, {"batches": figures, "prompt_len": prompt_len, "new_tokens": m, "repeats": repeats,
-                         "cache_phases": list(cache_phases(m)), "torch_threads": torch.get_num_threads()})
+                         "cache_phases": list(phases), "torch_threads": threads})
 
 
 # --- cache -------------------------------------------------------------------------------------

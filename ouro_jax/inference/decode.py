@@ -424,10 +424,10 @@ def _decode(graphdef, spec: DecodeSpec, params, state: DecodeState, knobs: Knobs
             loops_run=s.loops_run + loops_run, row_loops_run=s.row_loops_run + row_loops,
             loop_logits=None if loop_logits is None else s.loop_logits.at[s.index].set(loop_logits))
 
-    for length in spec.cache_phases:  # token index i writes decoded position i - 1
-        state = jax.lax.while_loop(
-            lambda s, length=length: (s.index <= length) & (s.index < spec.max_new_tokens) & ~jnp.all(s.done),
-            body, state.replace(cache=state.cache.grow(length)))
+    for length in spec.cache_phases:  # token index i writes decoded position i - 1; the last is M - 1
+        last = min(length, spec.max_new_tokens - 1)
+        state = jax.lax.while_loop(lambda s, last=last: (s.index <= last) & ~jnp.all(s.done),
+                                   body, state.replace(cache=state.cache.grow(length)))
     return state
 
 
