@@ -13,6 +13,7 @@ import pytest
 
 import ouro_jax
 from ouro_jax.data import build_eval_batches
+from ouro_jax.data.tasks import TASKS
 from ouro_jax.experiments import plan, suite, summary
 
 TINY = {"data.batch_size": 16, "eval_every_steps": 0, "checkpoint_every_steps": 0,
@@ -197,7 +198,7 @@ def cli(*args, cwd):
 def test_cli_smoke_run_writes_results(killed_suite, tmp_path):
     """The command over the suite above adds the last-loop-only run and reports all three."""
     out = killed_suite["out"]
-    proc = cli(*SMOKE, "--objectives=ouro,last_loop", f"--output_dir={out}", cwd=tmp_path)
+    proc = cli(*SMOKE, "--objectives=ouro,last_loop", f"--output_dir={out}", "--workers=2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("done before") == 2  # the flags plan the same runs as `smoke_runs`
     assert [r.key for r in smoke_runs(["ouro", "last_loop"])][:2] == [r.key for r in killed_suite["runs"]]
@@ -223,3 +224,43 @@ def test_cli_user_error_is_one_line(tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip() == (
         "error: --study=beta needs a looped model (L > 1) in --models")
     assert not os.listdir(tmp_path)  # refused before writing anything
+
+
+def test_cli_refuses_study_flags_with_the_whole_suite(tmp_path):
+    proc = cli("--study=all", "--models=1x4", "--seeds=2", f"--output_dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "error: --study=all sets every study's own flags; drop --models, --seeds")
+    assert not os.listdir(tmp_path)
+
+
+def test_workers_train_a_stage2_run_only_after_its_stage1_run(tmp_path):
+    """Two workers, three runs: the two Stage II runs wait for their Stage I parent, then run side by side."""
+    gate = ["--study=gate", "--models=1x2", "--gate_steps=2", "--task_settings=p=2,p_min=1"]
+    proc = cli(*[a for a in SMOKE if not a.startswith("--models")], *gate, f"--output_dir={tmp_path}",
+               "--workers=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = [line.split(": ", 1) for line in proc.stdout.splitlines() if line.startswith("[")]
+    starts = [label for label, what in events if what.startswith("training")]
+    ends = [label for label, what in events if what.startswith("answer accuracy")]
+    order = [(label, what.split()[0]) for label, what in events]
+    parent = "[1/3] phop_1x2_ouro_s0"
+    assert starts[0] == parent and ends[0] == parent and len(starts) == len(ends) == 3
+    assert order.index((parent, "answer")) < min(order.index((s, "training")) for s in starts[1:])
+    section = json.loads(open(os.path.join(tmp_path, "results.json")).read())["phop/gate"]
+    assert section["runs_trained"] == 3 and section["runs_missing"] == 0
+    results = [json.loads(open(os.path.join(tmp_path, "runs", key, "result.json")).read())
+               for key in os.listdir(os.path.join(tmp_path, "runs"))]
+    stage1 = [r["key"] for r in results if r["objective"] == "ouro"]
+    assert len(stage1) == 1 and [r["parent"] for r in results if r["objective"] == "stage2"] == stage1 * 2
+
+
+def test_the_whole_suite_plans_each_study_once_and_shares_the_beta_run():
+    """`--study=all`: one section per (task, study); beta = 0.1 seed 0 is the compare study's 1x4 run."""
+    sections = {(e["task"], e["study"]) for e in plan.SUITE}
+    assert len(sections) == len(plan.SUITE) and {t for t, _ in sections} == set(TASKS)
+    cfg = plan.task_config("phop", steps=10)
+    compare = plan.study_runs("compare", cfg, "phop", ["1x4"], [0], objectives=["ouro"], betas=[],
+                              pairings=[], gate_steps=1)
+    beta = plan.study_runs("beta", cfg, "phop", ["1x4"], [0], objectives=[], betas=[0.1, 0.05],
+                           pairings=[], gate_steps=1)
+    assert beta[0].key == compare[0].key and beta[1].key != compare[0].key

@@ -89,7 +89,7 @@ def test_addition_answers_by_integer_arithmetic_and_term_mixing():
         mask = ex["loss_mask"].astype(bool)
         np.testing.assert_array_equal(ex["answer_mask"], ex["loss_mask"])
         assert "".join(map(str, ex["targets"][mask])) == right
-        assert ex["input_ids"][mask][0] == Addition.EQUALS and ex["input_ids"][-1] == int(right[-1])
+        assert ex["input_ids"][mask][0] == task.equals and ex["input_ids"][-1] == int(right[-1])
         real = ex["segment_ids"] == 1
         assert real[-1] and np.all(np.diff(real.astype(int)) >= 0)  # left-padded
         np.testing.assert_array_equal(ex["positions"][real], np.arange(real.sum()))
@@ -99,6 +99,27 @@ def test_addition_answers_by_integer_arithmetic_and_term_mixing():
     assert all(decode_addition(fixed[i]).count("+") == 7 for i in range(20))
     with pytest.raises(ValueError, match=r"needs data\.seq_len >= 27"):
         Addition(n=26, terms=8, digits=2)
+
+
+def test_addition_column_tokens_name_each_digit_column_and_keep_the_problem():
+    plain = Addition(n=32, terms=4, terms_min=2, digits=3, seed=5)
+    tagged = Addition(n=32, terms=4, terms_min=2, digits=3, seed=5, column_tokens=True)
+    assert (tagged.plus, tagged.equals, tagged.vocab_size) == (40, 41, 42)
+    for i in range(50):
+        a, b = plain[i], tagged[i]
+        for key in ("loss_mask", "answer_mask", "segment_ids", "positions"):
+            np.testing.assert_array_equal(a[key], b[key])
+        ids = real_tokens(b)
+        equals = list(ids).index(tagged.equals)
+        operands = " ".join(map(str, ids[:equals])).split(f" {tagged.plus} ")
+        for operand in operands:  # columns hundreds, tens, units: tokens 30-39, 20-29, 10-19
+            assert [int(t) // 10 for t in operand.split()] == [3, 2, 1]
+        symbols = {tagged.plus: 10, tagged.equals: 11}
+        mapped = [t % 10 if t < tagged.plus else symbols[t] for t in ids[:equals + 1]]
+        assert mapped + list(ids[equals + 1:]) == list(real_tokens(a))
+        assert all(t < 10 for t in ids[equals + 1:])  # the sum's digits stay 0-9
+        np.testing.assert_array_equal(b["targets"][b["loss_mask"].astype(bool)],
+                                      a["targets"][a["loss_mask"].astype(bool)])
 
 
 # i-GSM-style modular graphs ---------------------------------------------------------------------------

@@ -25,6 +25,7 @@ Config keys (`default_config()`; `data` may hold any subset, unknown keys are an
                 first (vocab = alphabet + p).                                          default 0
   addition.terms, .terms_min, .digits   n-ary addition of `terms` (or terms_min..terms when
                 terms_min > 0) numbers of `digits` digits, answer only.               default 8, 0, 2
+  addition.column_tokens   operand digits name their column (vocab 10 (digits + 1) + 2). default False
   igsm.variables, .depth, .modulus, .names   i-GSM-style modular dependency graphs.   default 8, 3, 7, 16
   facts.first_names, .last_names, .attributes, .values, .world_seed   the knowledge-capacity facts
                 (defaults 32, 32, 32, 64, 0).
@@ -80,7 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
         "source": "phop", "seq_len": 32, "batch_size": 128, "num_workers": 0, "num_epochs": None,
         "eval_batches": 32, "eval_fraction": 0.01, "pack_bins": 0, "tokenizer": "ouro", "eos_id": None,
         "phop": {"p": 3, "alphabet": 4, "p_min": 0},
-        "addition": {"terms": 8, "terms_min": 0, "digits": 2},
+        "addition": {"terms": 8, "terms_min": 0, "digits": 2, "column_tokens": False},
         "igsm": {"variables": 8, "depth": 3, "modulus": 7, "names": 16},
         "facts": {"first_names": 32, "last_names": 32, "attributes": 32, "values": 64, "world_seed": 0},
         "text": {"files": "", "field": "text", "group_by": None},

@@ -171,19 +171,22 @@ class Addition:
 
     Operands are uniform in 0..10^digits - 1, written with `digits` digits (zero-padded); the sum is
     written with `answer_digits` digits, most significant first, zero-padded. k = `terms`, or uniform in
-    terms_min..terms when terms_min > 0. Tokens: digits 0-9, PLUS = 10, EQUALS = 11. The loss (and the
-    answer) covers the positions whose next token is a digit of the sum: "=" and all sum digits but the
-    last; the answer is right when all of them are (exact match, as greedy decoding would write it).
+    terms_min..terms when terms_min > 0. Tokens: digits 0-9, then "+" and "=" (10, 11). With
+    `column_tokens` each operand digit also names its column: digit d in column c (0: units) is token
+    10 (c + 1) + d, the sum's digits stay 0-9 and "+", "=" follow (10 (digits + 1), + 1), so attention can
+    select a column by content instead of by relative position (as Abacus embeddings do, McLeish et al.
+    2024). The loss (and the answer) covers the positions whose next token is a digit of the sum: "="
+    and all sum digits but the last; the answer is right when all of them are (exact match, as greedy
+    decoding would write it).
     """
 
     n: int
     terms: int = 8
     terms_min: int = 0
     digits: int = 2
+    column_tokens: bool = False
     seed: int = 0
     stream: int = 0
-
-    PLUS, EQUALS = 10, 11
 
     def __post_init__(self):
         if self.terms < 2 or self.digits < 1 or self.terms_min not in (0, *range(2, self.terms + 1)):
@@ -199,8 +202,16 @@ class Addition:
         return len(str(self.terms * (10**self.digits - 1)))
 
     @property
+    def plus(self) -> int:
+        return 10 * (self.digits + 1) if self.column_tokens else 10
+
+    @property
+    def equals(self) -> int:
+        return self.plus + 1
+
+    @property
     def vocab_size(self) -> int:
-        return 12
+        return self.equals + 1
 
     def __len__(self) -> int:
         return TASK_LENGTH
@@ -210,10 +221,12 @@ class Addition:
         k = int(rng.integers(self.terms_min, self.terms + 1)) if self.terms_min else self.terms
         operands = rng.integers(0, 10**self.digits, size=k)
         tokens = []
+        columns = 10 * np.arange(self.digits, 0, -1) if self.column_tokens else np.zeros(self.digits, int)
         for j, a in enumerate(operands):
-            tokens += ([self.PLUS] if j else []) + [int(c) for c in str(a).zfill(self.digits)]
+            digits = [int(c) for c in str(a).zfill(self.digits)]
+            tokens += ([self.plus] if j else []) + [int(d + c) for d, c in zip(digits, columns, strict=True)]
         equals = len(tokens)
-        tokens += [self.EQUALS] + [int(c) for c in str(int(operands.sum())).zfill(self.answer_digits)]
+        tokens += [self.equals] + [int(c) for c in str(int(operands.sum())).zfill(self.answer_digits)]
         mask = [0] * len(tokens)
         mask[equals:-1] = [1] * self.answer_digits
         return {"input_ids": tokens, "targets": [*tokens[1:], 0], "loss_mask": mask, "answer_mask": mask}

@@ -8,6 +8,8 @@ Studies:
   compare  every model x objective x seed (`--objectives=ouro,last_loop`; one-loop models once).
   beta     Stage I with each `--betas` entropy weight, looped models only.
   gate     Stage I, then Stage II (`--pairings`, `--gate_steps`) from it: Q-exit accuracy at equal depth.
+  all      every study of docs/experiments.md with its settings (`plan.SUITE`), one results.md for all;
+           `--steps`, `--eval_batches` and `--workers` apply, the other study flags are refused.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from absl import flags
 from ouro_jax import cli
 from ouro_jax.data.tasks import TASKS
 
-STUDIES = ("compare", "beta", "gate")
+STUDIES = ("compare", "beta", "gate", "all")
 INTERRUPTED = 75
 """Exit status after SIGTERM / Ctrl-C saved the current run's checkpoint: rerun the command to resume."""
 
@@ -42,6 +44,9 @@ _BETAS = flags.DEFINE_list("betas", ["0", "0.05", "0.1"], "beta: the entropy wei
 _PAIRINGS = flags.DEFINE_list("pairings", ["printed", "next"], "gate: Stage II target pairings.")
 _GATE_STEPS = flags.DEFINE_integer("gate_steps", 300, "gate: Stage II steps.", lower_bound=1)
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 32, "Held-out batches measured per run.", lower_bound=1)
+_WORKERS = flags.DEFINE_integer("workers", 1, "Runs trained at a time, each in its own process pinned to "
+                                "one core (Linux); 2 on a 2-core machine finishes a suite ~1.5x sooner.",
+                                lower_bound=1)
 flags.mark_flag_as_required("output_dir")
 
 
@@ -57,60 +62,101 @@ def _pairs(items: list[str], what: str) -> dict:
     return out
 
 
-def main(argv):
-    del argv
-    from ouro_jax.experiments import plan, report, suite, summary
-    from ouro_jax.train import loop
+STUDY_FLAGS = ("task", "models", "objectives", "seeds", "seq_len", "task_settings", "set", "betas",
+               "pairings", "gate_steps")
 
-    models = _MODELS.value
+
+def _section(values: dict, steps: int, output_dir: str) -> dict:
+    """One study from its flag values (`values[name]` for every name of STUDY_FLAGS, as flag texts or
+    parsed): its name "task/study", runs, reproducing command and settings."""
+    from ouro_jax.experiments import plan
+
+    models = values["models"]
     for model in models:
         plan.parse_model(model)
-    task_cfg = plan.task_config(_TASK.value, steps=_STEPS.value, seq_len=_SEQ_LEN.value,
-                                settings=_pairs(_TASK_SETTINGS.value, "task_settings"),
-                                overrides=_pairs(_SET.value, "set"))
-    seeds = list(range(_SEEDS.value))
-    looped = [m for m in models if plan.parse_model(m)[1] > 1]
-    if _STUDY.value != "compare" and not looped:
-        raise cli.UserError(f"--study={_STUDY.value} needs a looped model (L > 1) in --models")
-    if _STUDY.value == "compare":
-        runs = plan.compare_runs(task_cfg, models, _OBJECTIVES.value, seeds, _TASK.value)
-    elif _STUDY.value == "beta":
-        try:
-            betas = [float(b) for b in _BETAS.value]
-        except ValueError:
-            raise cli.UserError(f"--betas: {_BETAS.value} are not numbers") from None
-        runs = plan.beta_runs(task_cfg, looped, betas, seeds, _TASK.value)
-    else:
-        runs = plan.gate_runs(task_cfg, looped, _PAIRINGS.value, seeds, _TASK.value, _GATE_STEPS.value)
+    task, study = values["task"], values["study"]
+    task_cfg = plan.task_config(task, steps=steps, seq_len=values["seq_len"],
+                                settings=_pairs(values["task_settings"], "task_settings"),
+                                overrides=_pairs(values["set"], "set"))
+    try:
+        betas = [float(b) for b in values["betas"]]
+    except ValueError:
+        raise cli.UserError(f"--betas: {values['betas']} are not numbers") from None
+    seeds = list(range(values["seeds"]))
+    runs = plan.study_runs(study, task_cfg, task, models, seeds, objectives=values["objectives"], betas=betas,
+                           pairings=values["pairings"], gate_steps=values["gate_steps"])
+    return {"name": f"{task}/{study}", "study": study, "runs": runs,
+            "command": f"python -m ouro_jax.experiments {values['command']}",
+            "settings": {"task": task, "steps": steps, "seeds": seeds,
+                         "data": task_cfg.data[task].to_dict(), "seq_len": task_cfg.data.seq_len}}
+
+
+def _suite_sections(output_dir: str) -> list[dict]:
+    """`--study=all`: every study of `plan.SUITE` (the other study flags would be ignored: refused)."""
+    from ouro_jax.experiments import plan
+
+    given = [f"--{name}" for name in STUDY_FLAGS if flags.FLAGS[name].present]
+    if given:
+        raise cli.UserError(f"--study=all sets every study's own flags; drop {', '.join(given)}")
+    sections = []
+    for entry in plan.SUITE:
+        values = {name: flags.FLAGS[name].default for name in STUDY_FLAGS}
+        for name, text in entry.items():
+            values[name] = flags.FLAGS[name].parser.parse(text) if name in values else text
+        args = [f"--{name}={text}" for name, text in entry.items()]
+        if _STEPS.present:
+            args.append(f"--steps={_STEPS.value}")
+        values["command"] = shlex.join([*args, f"--output_dir={output_dir}"])
+        sections.append(_section(values, _STEPS.value, output_dir))
+    return sections
+
+
+def main(argv):
+    del argv
+    from ouro_jax.experiments import report, suite, summary
+    from ouro_jax.train import loop
 
     output_dir = _OUTPUT_DIR.value
+    if _STUDY.value == "all":
+        sections = _suite_sections(output_dir)
+    else:
+        values = {name: flags.FLAGS[name].value for name in STUDY_FLAGS}
+        values.update(study=_STUDY.value, command=shlex.join(sys.argv[1:]))
+        sections = [_section(values, _STEPS.value, output_dir)]
+    runs = [run for section in sections for run in section["runs"]]
     os.makedirs(output_dir, exist_ok=True)
-    cached = sum(suite.cached_result(output_dir, r) is not None for r in runs)
+    cached = {r.key for r in runs if suite.cached_result(output_dir, r) is not None}
     start = time.perf_counter()
-    name = f"{_TASK.value}/{_STUDY.value}"
 
-    def write_section(results: dict) -> dict:  # after every finished run, so a partial suite has a report
+    def write_section(section: dict, results: dict) -> dict:  # after each of its runs: partial reports
         # a run shared by two studies (beta = 0.1 is also the compare run) is labelled by this one
-        done = [{**results[r.key], "setting": r.setting} for r in runs if r.key in results]
-        section = summary.STUDIES[_STUDY.value](done)
-        section.update(command="python -m ouro_jax.experiments " + shlex.join(sys.argv[1:]),
+        done = [{**results[r.key], "setting": r.setting} for r in section["runs"] if r.key in results]
+        figures = summary.STUDIES[section["study"]](done)
+        trained = sum(r["key"] not in cached for r in done)
+        figures.update(command=section["command"], settings=section["settings"],
                        wall_s=sum(r["train_wall_s"] + r["measure_wall_s"] for r in done),
                        cpu_s=sum(r["train_cpu_s"] for r in done if "train_cpu_s" in r),
                        cpu_runs=sum("train_cpu_s" in r for r in done),
-                       invocation_s=time.perf_counter() - start, runs_trained=len(done) - cached,
-                       runs_cached=cached, runs_missing=len(runs) - len(done),
-                       settings={"task": _TASK.value, "steps": _STEPS.value, "seeds": seeds,
-                                 "data": task_cfg.data[_TASK.value].to_dict(),
-                                 "seq_len": task_cfg.data.seq_len})
-        return report.write(output_dir, name, section)[name]
+                       invocation_s=time.perf_counter() - start, runs_trained=trained,
+                       runs_cached=len(done) - trained, runs_missing=len(section["runs"]) - len(done))
+        return report.write(output_dir, section["name"], figures)[section["name"]]
+
+    def after_each(results: dict, run) -> None:
+        for section in sections:
+            if any(r.key == run.key for r in section["runs"]):
+                write_section(section, results)
 
     try:
-        results = suite.execute(runs, output_dir, num_batches=_EVAL_BATCHES.value,
-                                log=lambda line: print(line, flush=True), after_each=write_section)
-    except loop.Interrupted as err:
-        print(f"stopped: {err}", file=sys.stderr)
+        results = suite.execute(runs, output_dir, num_batches=_EVAL_BATCHES.value, workers=_WORKERS.value,
+                                log=lambda line: print(line, flush=True), after_each=after_each)
+    except (loop.Interrupted, KeyboardInterrupt) as err:
+        print(f"stopped: {err}" if isinstance(err, loop.Interrupted) else
+              "stopped: interrupted; rerun the same command to resume", file=sys.stderr)
         return INTERRUPTED
-    print(report.section_markdown(name, write_section(results)))
+    for section in sections:
+        print(report.section_markdown(section["name"], write_section(section, results)))
+    if len(sections) > 1:
+        print(f"suite: {len(results)} runs, {time.perf_counter() - start:.0f} s of wall time")
 
 
 if __name__ == "__main__":

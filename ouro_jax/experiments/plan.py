@@ -24,6 +24,15 @@ from ouro_jax.data.tasks import TASKS
 from ouro_jax.train import recipes
 
 OBJECTIVES = ("ouro", "last_loop")
+SUITE = (  # `--study=all`: every study of docs/experiments.md, as the flags of its own command
+    {"task": "phop", "study": "compare", "models": "1x1,1x4,4x1", "seeds": "3"},
+    {"task": "phop", "study": "beta", "models": "1x4", "seeds": "1", "betas": "0,0.05,0.1"},
+    {"task": "phop", "study": "gate", "models": "1x4", "seeds": "1", "task_settings": "p=3,p_min=1"},
+    {"task": "addition", "study": "compare", "models": "1x1,1x4,4x1", "seeds": "1", "objectives": "ouro",
+     "task_settings": "terms=3,digits=2,column_tokens=True"},
+    {"task": "facts", "study": "compare", "models": "1x1,1x4", "seeds": "1", "objectives": "ouro"},
+    {"task": "igsm", "study": "compare", "models": "1x1,1x4", "seeds": "1", "objectives": "ouro"},
+)
 SEQ_LEN = {"phop": 32, "addition": 32, "igsm": 48, "facts": 32}  # each task's default row length
 
 
@@ -170,6 +179,19 @@ def gate_runs(task_cfg, models: list[str], pairings: list[str], seeds: list[int]
             runs += [Run(task, model, "stage2", seed, gate_config(stage1.config, pairing=p, steps=gate_steps),
                          setting=f"pairing={p}", parent=stage1) for p in pairings]
     return runs
+
+
+def study_runs(study: str, task_cfg, task: str, models: list[str], seeds: list[int], *,
+               objectives: list[str], betas: list[float], pairings: list[str], gate_steps: int) -> list[Run]:
+    """The runs of one study ("compare", "beta" or "gate"; the latter two use the looped models only)."""
+    looped = [m for m in models if parse_model(m)[1] > 1]
+    if study != "compare" and not looped:
+        raise ValueError(f"--study={study} needs a looped model (L > 1) in --models")
+    if study == "compare":
+        return compare_runs(task_cfg, models, objectives, seeds, task)
+    if study == "beta":
+        return beta_runs(task_cfg, looped, betas, seeds, task)
+    return gate_runs(task_cfg, looped, pairings, seeds, task, gate_steps)
 
 
 def _seeded(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:

@@ -92,6 +92,12 @@ def cache_phases(max_new_tokens: int) -> tuple[int, ...]:
     return (*lengths[:-1], max_new_tokens)
 
 
+GATHER_SHARE = 4
+"""`compact_rows`: a bucket of S rows gathers its cache slots for attention when S <= B / GATHER_SHARE;
+a larger one attends over the whole batch's slots. Gathering copies the slots (read, write, read
+again), so on a bandwidth-bound CPU it pays only for small buckets (decode.rows benchmark)."""
+
+
 def row_buckets(batch: int) -> tuple[int, ...]:
     """The bucket sizes of `compact_rows` for a batch of B rows: the powers of two below B, then B
     (e.g. 1, 2, 4, 5 for B = 5), so a bucket never holds more than twice the rows it needs."""
@@ -224,6 +230,15 @@ def _apply_layers(layers, fn, x):
     return x, tuple(zip(*outs, strict=True))
 
 
+def _on_rows_of_batch(attend, rows, batch, q, k, v, cached):
+    """`attend` for rows `rows` [S] (indices >= batch: padding) over the whole batch's cache slots: q, k, v
+    [S, 1, ., H] are spread into `batch` rows (zeros elsewhere), the rows' outputs kept -> [S, 1, Nq, H]."""
+    def spread(x):
+        return jnp.zeros((batch, *x.shape[1:]), x.dtype).at[rows].set(x, mode="drop")
+
+    return jnp.take(attend(spread(q), spread(k), spread(v), cached=cached), rows, axis=0, mode="clip")
+
+
 def _cached_attention(q, k, v, cached, prompt_valid, decoded_valid, scale):
     """The decode `Attend` hook: one new token over prompt, earlier decoded tokens and itself.
 
@@ -327,14 +342,20 @@ def _decode_token(model, layers, spec: DecodeSpec, state: DecodeState, threshold
 
     def layers_on(t, h, rows=None):
         """The N layers of loop index t on rows `rows` [S] int32 of the batch (None: all B; indices
-        >= B are padding, computed on row B - 1) of h [B, 1, D] -> (normed [S, 1, D], k, v [N, S, K, H])."""
+        >= B are padding, computed on row B - 1) of h [B, 1, D] -> (normed [S, 1, D], k, v [N, S, K, H]).
+        Attention gathers the rows' cache slots when S <= B / GATHER_SHARE, else it runs over the
+        whole batch's slots (q, k, v of the other rows zero) and keeps the rows' outputs."""
         pick = (lambda x: x) if rows is None else (lambda x: jnp.take(x, rows, axis=0, mode="clip"))
-        attend = functools.partial(_cached_attention, prompt_valid=pick(prompt_valid),
-                                   decoded_valid=decoded_valid, scale=cfg.head_dim ** -0.5)
+        gather = rows is not None and rows.shape[0] * GATHER_SHARE <= b
+        attend = functools.partial(_cached_attention, prompt_valid=pick(prompt_valid) if gather
+                                   else prompt_valid, decoded_valid=decoded_valid, scale=cfg.head_dim ** -0.5)
+        if rows is not None and not gather:
+            attend = functools.partial(_on_rows_of_batch, attend, rows, b)
         row_cos, row_sin = pick(cos), pick(sin)
 
         def layer_fn(layer, x, i):
-            cached = tuple(pick(c) for c in (*cache.prompt(t, i), *cache.decoded(t, i)))
+            cached = (*cache.prompt(t, i), *cache.decoded(t, i))
+            cached = tuple(pick(c) for c in cached) if gather else cached
             x, (k, v) = layer.with_kv(x, row_cos, row_sin, functools.partial(attend, cached=cached))
             return x, (k[:, 0], v[:, 0])
 

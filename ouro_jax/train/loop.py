@@ -40,6 +40,9 @@ class Interrupted(Exception):
         super().__init__(f"{signal_name}: saved step {step}; rerun the same command to resume")
         self.signal_name, self.step = signal_name, step
 
+    def __reduce__(self):  # raised in a worker process of `experiments.suite`
+        return Interrupted, (self.signal_name, self.step)
+
 
 class _StopRequests:
     """SIGTERM / SIGINT set a flag the loop reads at step boundaries (all processes agree); a second
