@@ -2,16 +2,20 @@
 killed suite rerunning only what is missing, measurements against a direct recomputation, and the CLI's
 results.json / results.md / PNG and one-line errors on a tiny smoke run."""
 
+import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import ouro_jax
+from ouro_jax import run as run_lib
 from ouro_jax.data import build_eval_batches
 from ouro_jax.data.tasks import TASKS
 from ouro_jax.experiments import plan, suite, summary
@@ -264,3 +268,35 @@ def test_the_whole_suite_plans_each_study_once_and_shares_the_beta_run():
     beta = plan.study_runs("beta", cfg, "phop", ["1x4"], [0], objectives=[], betas=[0.1, 0.05],
                            pairings=[], gate_steps=1)
     assert beta[0].key == compare[0].key and beta[1].key != compare[0].key
+
+
+def _interrupt_when_both_train(args, tmp_path) -> subprocess.CompletedProcess:
+    """Start the command; SIGTERM it once both workers have logged a new training step; wait for it."""
+    logs = os.path.join(tmp_path, "runs", "*", "metrics.jsonl")
+    before = {path: os.path.getsize(path) for path in glob.glob(logs)}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and sum(os.path.getsize(p) > before.get(p, 0) for p in glob.glob(logs)) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+
+def test_sigterm_stops_parallel_workers_with_their_runs_saved_and_a_rerun_resumes_them(tmp_path):
+    """SIGTERM to the command while two workers train: each worker saves its run and stops, the command
+    exits with status 75 and one line; the rerun resumes both runs from their saved steps."""
+    args = [sys.executable, "-m", "ouro_jax.experiments", *(a for a in SMOKE if not a.startswith("--steps")),
+            "--steps=100000", "--objectives=ouro", f"--output_dir={tmp_path}", "--workers=2"]
+    first = _interrupt_when_both_train(args, tmp_path)
+    assert first.returncode == 75, first.stderr[-2000:]
+    assert first.stderr.strip().splitlines()[-1] == "stopped: interrupted; rerun the same command to resume"
+    workdirs = glob.glob(os.path.join(tmp_path, "runs", "*"))
+    saved = [run_lib.latest_step(w) for w in workdirs]
+    assert len(workdirs) == 2 and all(s is not None and 0 < s < 100000 for s in saved), saved
+    assert not glob.glob(os.path.join(tmp_path, "runs", "*", "result.json"))
+    second = _interrupt_when_both_train(args, tmp_path)
+    assert second.returncode == 75, second.stderr[-2000:]
+    assert second.stdout.count(": resuming 100000 steps in") == 2
+    assert all(f"resumed from step {s}" in second.stderr for s in saved)

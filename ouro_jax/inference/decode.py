@@ -94,8 +94,11 @@ def cache_phases(max_new_tokens: int) -> tuple[int, ...]:
 
 GATHER_SHARE = 4
 """`compact_rows`: a bucket of S rows gathers its cache slots for attention when S <= B / GATHER_SHARE;
-a larger one attends over the whole batch's slots. Gathering copies the slots (read, write, read
-again), so on a bandwidth-bound CPU it pays only for small buckets (decode.rows benchmark)."""
+a larger one attends over the whole batch's slots (its layers' matmuls still run on S rows only).
+Gathering copies the slots (read, write, read again), so on a bandwidth-bound CPU it pays only for
+small buckets: `python -m ouro_jax.benchmarks --bench=decode.rows --row_batches=8,32` (one core, the
+other busy) at batch 32, gate x30, q = 0.7 / 0.4 took 0.85 / 0.82 of full depth's time with B / 4 and
+1.00 / 0.96 gathering every bucket; B / 8 and B / 4 were alike at batch 8 (0.81-0.94)."""
 
 
 def row_buckets(batch: int) -> tuple[int, ...]:
@@ -669,12 +672,13 @@ def generate(
         apply to skipped_kv "compute" (every loop runs for every row by definition) nor to a fixed
         depth (full, or `exit_at_loop`: no row exits early), which then run uncompacted. Default
         on: at the cpu_benchmark shape (random weights, gate x10 / x30, q = 0.7 / 0.4,
-        `python -m ouro_jax.benchmarks --bench=decode.rows`, one run on a loaded 2-core machine) it
-        took 0.77-0.86 of full depth's decode time at batch 32 (uncompacted 0.95-1.12) and 0.84-0.97
-        at batch 8 (uncompacted 0.91-1.00); at batch 1 it is the uncompacted computation. The time
-        does not fall as fast as the executed row-loops (0.54-0.68 at batch 32): the LM head, the
-        cache writes and the K/V fill run for every row, and on CPU a layer on half the rows costs
-        more than half. It costs compilation time: one copy of the N layers per bucket size and loop.
+        `python -m ouro_jax.benchmarks --bench=decode.rows --row_batches=8,32`, one run on one core,
+        the other busy) it took 0.78-0.86 of full depth's decode time at batch 32 (uncompacted
+        0.94-0.96) and 0.82-0.92 at batch 8 (uncompacted 1.00-1.04); at batch 1 it is the uncompacted
+        computation. The time does not fall as fast as the executed row-loops (0.56-0.70 at batch
+        32): attention reads every row's cache slots for buckets of more than B / 4 rows
+        (`GATHER_SHARE`), and the LM head, the cache writes and the K/V fill run for every row. It
+        costs compilation time: one copy of the N layers per bucket size and loop.
       temperature: 0 is greedy; otherwise sampling with `top_k` / `top_p`, keys from `seed` (an int, or
         one per row; see `sampling.py`).
       stop_tokens: a row stops after generating one of these (kept in its output), then gets `pad_id`.
