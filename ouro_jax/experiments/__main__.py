@@ -66,7 +66,7 @@ STUDY_FLAGS = ("task", "models", "objectives", "seeds", "seq_len", "task_setting
                "pairings", "gate_steps")
 
 
-def _section(values: dict, steps: int, output_dir: str) -> dict:
+def _section(values: dict, steps: int) -> dict:
     """One study from its flag values (`values[name]` for every name of STUDY_FLAGS, as flag texts or
     parsed): its name "task/study", runs, reproducing command and settings."""
     from ouro_jax.experiments import plan
@@ -107,7 +107,7 @@ def _suite_sections(output_dir: str) -> list[dict]:
         if _STEPS.present:
             args.append(f"--steps={_STEPS.value}")
         values["command"] = shlex.join([*args, f"--output_dir={output_dir}"])
-        sections.append(_section(values, _STEPS.value, output_dir))
+        sections.append(_section(values, _STEPS.value))
     return sections
 
 
@@ -122,7 +122,7 @@ def main(argv):
     else:
         values = {name: flags.FLAGS[name].value for name in STUDY_FLAGS}
         values.update(study=_STUDY.value, command=shlex.join(sys.argv[1:]))
-        sections = [_section(values, _STEPS.value, output_dir)]
+        sections = [_section(values, _STEPS.value)]
     runs = [run for section in sections for run in section["runs"]]
     os.makedirs(output_dir, exist_ok=True)
     cached = {r.key for r in runs if suite.cached_result(output_dir, r) is not None}
