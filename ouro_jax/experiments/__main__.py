@@ -104,8 +104,8 @@ def _suite_sections(output_dir: str) -> list[dict]:
         for name, text in entry.items():
             values[name] = flags.FLAGS[name].parser.parse(text) if name in values else text
         args = [f"--{name}={text}" for name, text in entry.items()]
-        if _STEPS.present:
-            args.append(f"--steps={_STEPS.value}")
+        args += [f"--{flag.name}={flag.value}" for flag in (flags.FLAGS["steps"], flags.FLAGS["eval_batches"])
+                 if flag.present]
         values["command"] = shlex.join([*args, f"--output_dir={output_dir}"])
         sections.append(_section(values, _STEPS.value))
     return sections

@@ -136,28 +136,36 @@ def execute(runs: list[plan.Run], output_dir: str, *, train_fn: Callable | None 
         pin = {"initializer": _pin_worker, "initargs": (context.Value("i", 0), cores)}
     running: dict[futures.Future, tuple[int, plan.Run]] = {}
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    with futures.ProcessPoolExecutor(workers, mp_context=context, **pin) as pool:
-        try:
-            while todo or running:
-                ready = sorted(((n, r) for n, r in todo if r.parent is None or r.parent.key in results),
-                               key=lambda item: -_cost(item[1]))
-                for number, run in ready[:workers - len(running)]:
-                    todo.remove((number, run))
-                    log(f"[{number}/{len(runs)}] {run.label}: {_starting(run, output_dir)}")
-                    running[pool.submit(_execute_one, run, output_dir, None, num_batches)] = (number, run)
-                if not running:
-                    missing = ", ".join(r.label for _, r in todo)
-                    raise ValueError(f"runs whose parent is not in the suite: {missing}")
-                done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
-                for future in done:
-                    number, run = running.pop(future)
-                    finished(number, run, future.result())
-        except KeyboardInterrupt:  # each worker saves its run's checkpoint at its next step and stops
-            for child in multiprocessing.active_children():
-                child.terminate()
-            raise
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+    try:
+        with futures.ProcessPoolExecutor(workers, mp_context=context, **pin) as pool:
+            try:
+                while todo or running:
+                    ready = sorted(((n, r) for n, r in todo if r.parent is None or r.parent.key in results),
+                                   key=lambda item: -_cost(item[1]))
+                    for number, run in ready[:workers - len(running)]:
+                        todo.remove((number, run))
+                        log(f"[{number}/{len(runs)}] {run.label}: {_starting(run, output_dir)}")
+                        running[pool.submit(_execute_one, run, output_dir, None, num_batches)] = (number, run)
+                    if not running:
+                        missing = ", ".join(r.label for _, r in todo)
+                        raise ValueError(f"runs whose parent is not in the suite: {missing}")
+                    done, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+                    failures = []
+                    for future in done:  # record every finished run before raising a failure
+                        number, run = running.pop(future)
+                        if future.exception() is None:
+                            finished(number, run, future.result())
+                        else:
+                            log(f"[{number}/{len(runs)}] {run.label}: failed: {future.exception()}")
+                            failures.append(future.exception())
+                    if failures:
+                        raise failures[0]
+            except BaseException:  # each other worker saves its run's checkpoint at its next step, stops
+                for child in multiprocessing.active_children():
+                    child.terminate()
+                raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return results
 
 
