@@ -78,7 +78,7 @@ def _starting(run: plan.Run, output_dir: str) -> str:
 
 
 def _cost(run: plan.Run) -> float:
-    """A run's training cost in layer-steps (steps x layers x loops, distinct layers weighing a little
+    """A run's training cost, steps x layers x loops x row length (distinct layers weighing a little
     more): workers take the costliest ready run first, so that the suite does not end on one long run."""
     layers, loops = plan.parse_model(run.model)
     return run.config.total_steps * layers * loops * (1.0 + 0.1 * layers) * run.config.data.seq_len

@@ -350,15 +350,15 @@ def _decode_token(model, layers, spec: DecodeSpec, state: DecodeState, threshold
         whole batch's slots (q, k, v of the other rows zero) and keeps the rows' outputs."""
         pick = (lambda x: x) if rows is None else (lambda x: jnp.take(x, rows, axis=0, mode="clip"))
         gather = rows is not None and rows.shape[0] * GATHER_SHARE <= b
-        attend = functools.partial(_cached_attention, prompt_valid=pick(prompt_valid) if gather
-                                   else prompt_valid, decoded_valid=decoded_valid, scale=cfg.head_dim ** -0.5)
+        pick_cache = pick if gather else (lambda x: x)  # the rows' cache slots and prompt masks
+        attend = functools.partial(_cached_attention, prompt_valid=pick_cache(prompt_valid),
+                                   decoded_valid=decoded_valid, scale=cfg.head_dim ** -0.5)
         if rows is not None and not gather:
             attend = functools.partial(_on_rows_of_batch, attend, rows, b)
         row_cos, row_sin = pick(cos), pick(sin)
 
         def layer_fn(layer, x, i):
-            cached = (*cache.prompt(t, i), *cache.decoded(t, i))
-            cached = tuple(pick(c) for c in cached) if gather else cached
+            cached = tuple(pick_cache(c) for c in (*cache.prompt(t, i), *cache.decoded(t, i)))
             x, (k, v) = layer.with_kv(x, row_cos, row_sin, functools.partial(attend, cached=cached))
             return x, (k[:, 0], v[:, 0])
 
