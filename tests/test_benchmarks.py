@@ -2,11 +2,13 @@
 figures into the JSON file; unknown names are refused in one line. (The measurements themselves are
 benchmarks, not tests.)"""
 
+import gzip
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 from flax import nnx
 
 from ouro_jax.model.config import tiny
@@ -59,3 +61,100 @@ def test_exit_benchmark_scores_answers_with_the_runs_own_task():
     answers[:, -1] = (answers[:, -1] + 1) % 4
     accuracy, last = _answer_accuracy(examples, answers)
     assert last == 0.0 and 0.0 < accuracy < 100.0
+
+
+_HLO = """HloModule jit__decode, entry_computation_layout={(f32[8,256]{1,0})->f32[8,256]{1,0}}
+
+%scores (p0: f32[8,4,1,64], p1: f32[8,4,128,64]) -> f32[8,4,1,128] {
+  %p0 = f32[8,4,1,64]{3,2,1,0} parameter(0)
+  %p1 = f32[8,4,128,64]{3,2,1,0} parameter(1)
+  ROOT %dot.7 = f32[8,4,1,128] dot(%p0, %p1), lhs_batch_dims={0,1}, lhs_contracting_dims={3},
+    rhs_batch_dims={0,1}, rhs_contracting_dims={3}
+}
+
+%inner (a: f32[8,256], b: f32[256,768]) -> f32[8,768] {
+  %a = f32[8,256]{1,0} parameter(0)
+  %b = f32[256,768]{1,0} parameter(1)
+  ROOT %dot.3 = f32[8,768]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%outer (c: f32[8,256], d: f32[256,768]) -> f32[8,768] {
+  %c = f32[8,256]{1,0} parameter(0)
+  %d = f32[256,768]{1,0} parameter(1)
+  ROOT %call.1 = f32[8,768]{1,0} call(%c, %d), to_apply=%inner
+}
+
+%scale (x: f32[8,256]) -> f32[8,256] {
+  %x = f32[8,256]{1,0} parameter(0)
+  ROOT %multiply.2 = f32[8,256]{1,0} multiply(%x, %x)
+}
+
+%body (state: (s32[], f32[8,256])) -> (s32[], f32[8,256]) {
+  %state = (s32[], f32[8,256]{1,0}) parameter(0)
+  %h = f32[8,256]{1,0} get-tuple-element(%state), index=1
+  %w = f32[256,256]{1,0} constant({...})
+  %dot.1 = f32[8,256]{1,0} dot(%h, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %ynn_fusion.4 = f32[8,768]{1,0} fusion(%h, %w), kind=kCustom, calls=%outer
+  %attn_fusion = f32[8,4,1,128]{3,2,1,0} fusion(%h, %w), kind=kOutput, calls=%scores
+  %loop_fusion.9 = f32[8,256]{1,0} fusion(%dot.1), kind=kLoop, calls=%scale
+  %bitcast.5 = f32[8,256]{1,0} bitcast(%loop_fusion.9)
+  ROOT %tuple.2 = (s32[], f32[8,256]{1,0}) tuple(%h, %bitcast.5)
+}
+
+ENTRY %main (arg: f32[8,256]) -> f32[8,256] {
+  %arg = f32[8,256]{1,0} parameter(0)
+  %while.17 = (s32[], f32[8,256]{1,0}) while(%arg), condition=%cond, body=%body
+  ROOT %get-tuple-element.3 = f32[8,256]{1,0} get-tuple-element(%while.17), index=1
+}
+"""
+
+
+def test_decode_split_puts_each_operation_in_its_category():
+    """decode.split's classifier on hand-written HLO: a dot without batch dims and a library fusion
+    whose computation calls one are weight matmuls, a fusion holding a batched dot is attention, an
+    elementwise fusion is other; containers and free instructions are not operations of their own."""
+    from ouro_jax.benchmarks.profile import hlo_categories
+
+    assert hlo_categories(_HLO) == {
+        "dot.1": "weight matmuls", "ynn_fusion.4": "weight matmuls", "attn_fusion": "attention",
+        "loop_fusion.9": "other",
+        # inside fused or called computations (never timed as operations of the decode loop's body):
+        "dot.7": "attention", "dot.3": "weight matmuls", "multiply.2": "other"}
+
+
+def test_decode_split_sums_the_profiled_operations_of_one_module(tmp_path):
+    """Only complete events of the named module's categorised operations count, in seconds."""
+    from ouro_jax.benchmarks.profile import trace_seconds
+
+    def op(name, dur, module="jit__decode"):
+        return {"ph": "X", "name": name, "dur": dur, "args": {"hlo_module": module, "hlo_op": name}}
+
+    events = [op("dot.1", 30.0), op("dot.1", 10.0), op("attn_fusion", 25.0), op("loop_fusion.9", 5.0),
+              op("dot.1", 1000.0, module="jit__prefill"), op("while.17", 500.0),
+              {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 900.0},
+              {"ph": "M", "name": "thread_name", "args": {"name": "python"}}]
+    profile_dir = tmp_path / "plugins" / "profile" / "run"
+    profile_dir.mkdir(parents=True)
+    with gzip.open(profile_dir / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    categories = {"dot.1": "weight matmuls", "attn_fusion": "attention", "loop_fusion.9": "other"}
+    seconds = trace_seconds(str(tmp_path), "jit__decode", categories)
+    assert seconds == pytest.approx({"weight matmuls": 40e-6, "attention": 25e-6, "other": 5e-6})
+
+
+def test_decode_split_smoke_run_reports_shares_and_bytes(tmp_path):
+    """A profiled decode at the cpu_benchmark shape: the three shares sum to 1, matmuls and attention
+    both appear, and the bytes per step are the hand-counted ones (float32): 16 (loop, layer)
+    applications of 802,816 layer weights plus the 4096 x 256 LM head; K/V of 16 slots x 1 row x
+    4 heads x 64 x (4 prompt + 3 decoded positions, the one phase of 3 new tokens) x 2 (K and V)."""
+    figures = tmp_path / "bench.json"
+    done = _benchmarks("--bench=decode.split", "--batches=1", "--repeats=1", "--prompt_len=4",
+                       "--new_tokens=3", f"--json={figures}")
+    assert done.returncode == 0, done.stderr
+    assert "| batch | ms / step | ms / step profiled | weight matmuls share |" in done.stdout
+    (figure,) = json.loads(figures.read_text())["decode.split"]["figures"]["batches"]
+    shares = figure["shares"]
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert shares["weight matmuls"] > 0 and shares["attention"] > 0
+    assert figure["weight_mb_per_step"] == pytest.approx(4 * (16 * 802_816 + 4096 * 256) / 1e6)
+    assert figure["kv_mb_per_step"] == pytest.approx(4 * 16 * 1 * 4 * 64 * (4 + 3) * 2 / 1e6)

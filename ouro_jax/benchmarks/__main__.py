@@ -7,10 +7,12 @@ markdown and add its figures to FILE (a JSON object keyed by benchmark name; oth
     python -m ouro_jax.benchmarks --bench=decode --json=bench.json
     python -m ouro_jax.benchmarks --bench=decode.exit --run_dir=runs/demo
     python -m ouro_jax.benchmarks --bench=decode.rows --new_tokens=64 --repeats=3
+    python -m ouro_jax.benchmarks --bench=decode.split --batches=1,8,32
     python -m ouro_jax.benchmarks --bench=convert.roundtrip --preset=ouro_1p4b
 
 NAME is a benchmark (`BENCHMARKS`) or a group (train, decode, convert). What each measures is in the
-docstrings of `ouro_jax.benchmarks.train`, `.decode` and `.convert`. Bad input prints one line.
+docstrings of `ouro_jax.benchmarks.train`, `.decode`, `.profile` (decode.split) and `.convert`. Bad
+input prints one line.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from absl import flags
 from ouro_jax import cli
 
 BENCHMARKS = ("train.compile", "train.memory", "train.fwd_bwd", "train.step", "decode.speed", "decode.cache",
-              "decode.exit", "decode.rows", "convert.roundtrip")
+              "decode.exit", "decode.rows", "decode.split", "convert.roundtrip")
 
 _BENCH = flags.DEFINE_list("bench", None, "Benchmarks or groups to run: " + ", ".join(BENCHMARKS) + ".")
 _JSON = flags.DEFINE_string("json", None, "Add the figures to this JSON file.")
@@ -35,7 +37,7 @@ _REMAT_POLICY = flags.DEFINE_string("remat_policy", "none", "train.fwd_bwd, trai
 _SCAN_LAYERS = flags.DEFINE_bool("scan_layers", True, "train.fwd_bwd, train.step: OuroConfig.scan_layers.")
 _BETA = flags.DEFINE_float("beta", 0.1, "train.*: Stage I entropy coefficient.")
 # decode.*
-_BATCHES = flags.DEFINE_list("batches", ["1", "8"], "decode.speed: batch sizes.")
+_BATCHES = flags.DEFINE_list("batches", ["1", "8"], "decode.speed, decode.split: batch sizes.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "decode.speed, decode.cache: prompt length.")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "decode.speed, decode.cache: new tokens.")
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "decode.exit: a trained p-hop run; default: train the demo "
@@ -83,7 +85,7 @@ def _numbers(flag) -> list:
 
 def _run(name: str):
     """The `Result` of benchmark `name` with the flags' settings."""
-    from ouro_jax.benchmarks import convert, decode, train
+    from ouro_jax.benchmarks import convert, decode, profile, train
 
     sizes = dict(batch=_BATCH.value, seq_len=_SEQ_LEN.value, beta=_BETA.value)
     layout = dict(remat_policy=_REMAT_POLICY.value, scan_layers=_SCAN_LAYERS.value)
@@ -102,6 +104,7 @@ def _run(name: str):
         "decode.rows": lambda: decode.rows(repeats=repeats, batches=_numbers(_ROW_BATCHES),
                                            gate_scales=_numbers(_GATE_SCALES),
                                            thresholds=_numbers(_ROW_THRESHOLDS), **tokens),
+        "decode.split": lambda: profile.split(repeats=repeats, batches=_numbers(_BATCHES), **tokens),
         "convert.roundtrip": lambda: convert.roundtrip(preset=_PRESET.value, dtype=_DTYPE.value,
                                                        workdir=_WORKDIR.value, keep=_KEEP.value),
     }[name]()

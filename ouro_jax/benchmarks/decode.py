@@ -33,7 +33,7 @@ Why batch-8 decode trails HF's speed-up at batch 1: at batch 8 a decode step is 
 reading the K/V of all T x N (loop, layer) caches for every row, prompt and decoded positions (the
 decode loop's phases read at most twice the filled decoded positions, HF's dynamic cache exactly those);
 both are large against this CPU's FLOP rate and memory bandwidth, while at batch 1 HF's per-call Python
-overhead dominates (README, Benchmarks).
+overhead dominates (`decode.split` in `profile.py` measures the split; README, Benchmarks).
 """
 
 from __future__ import annotations
