@@ -49,6 +49,12 @@ def test_unknown_benchmark_is_one_line():
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: unknown benchmark 'decode.sped'")
 
 
+def test_decode_split_without_a_decode_step_is_one_line():
+    done = _benchmarks("--bench=decode.split", "--new_tokens=1")
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: decode.split: --new_tokens=1")
+
+
 def test_exit_benchmark_scores_answers_with_the_runs_own_task():
     """decode.exit's accuracy reads the task's targets, so a mixed-hop run (hop token first) is scored on
     its own examples: the targets themselves score 100 %, a wrong last answer 0 % at the last position."""

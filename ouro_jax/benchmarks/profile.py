@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ouro_jax import cli
 from ouro_jax.benchmarks.common import Result, table, wall
 from ouro_jax.inference import decode
 
@@ -92,7 +93,7 @@ def _recording_compiles() -> Iterator[dict[str, str]]:
 
     def recorded(fn, *args):
         compiled = compile_fn(fn, *args)
-        texts[fn.__name__] = compiled.as_text()
+        texts.setdefault(fn.__name__, compiled.as_text())
         return compiled
 
     recorded.cache_info = compile_fn.cache_info  # `decode._run` tells compilations from cache hits by it
@@ -146,6 +147,8 @@ def split(*, repeats: int, batches: list[int], prompt_len: int = 64, new_tokens:
     (module docstring)."""
     from ouro_jax.benchmarks.decode import _benchmark_model
 
+    if new_tokens < 2:
+        raise cli.UserError(f"decode.split: --new_tokens={new_tokens} leaves no decode step; need >= 2")
     model = _benchmark_model()
     cfg = model.config
     bandwidth = read_bandwidth()
