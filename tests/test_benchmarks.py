@@ -74,8 +74,7 @@ _HLO = """HloModule jit__decode, entry_computation_layout={(f32[8,256]{1,0})->f3
 %scores (p0: f32[8,4,1,64], p1: f32[8,4,128,64]) -> f32[8,4,1,128] {
   %p0 = f32[8,4,1,64]{3,2,1,0} parameter(0)
   %p1 = f32[8,4,128,64]{3,2,1,0} parameter(1)
-  ROOT %dot.7 = f32[8,4,1,128] dot(%p0, %p1), lhs_batch_dims={0,1}, lhs_contracting_dims={3},
-    rhs_batch_dims={0,1}, rhs_contracting_dims={3}
+  ROOT %dot.7 = f32[8,4,1,128] dot(%p0, %p1), lhs_batch_dims={0,1}, rhs_batch_dims={0,1}
 }
 
 %inner (a: f32[8,256], b: f32[256,768]) -> f32[8,768] {
@@ -118,34 +117,57 @@ ENTRY %main (arg: f32[8,256]) -> f32[8,256] {
 def test_decode_split_puts_each_operation_in_its_category():
     """decode.split's classifier on hand-written HLO: a dot without batch dims and a library fusion
     whose computation calls one are weight matmuls, a fusion holding a batched dot is attention, an
-    elementwise fusion is other; containers and free instructions are not operations of their own."""
-    from ouro_jax.benchmarks.profile import hlo_categories
+    elementwise fusion is other; containers and free instructions have no time of their own (None)."""
+    from ouro_jax.benchmarks.decode_split import hlo_categories
 
-    assert hlo_categories(_HLO) == {
+    categories = hlo_categories(_HLO)
+    assert {name: kind for name, kind in categories.items() if kind is not None} == {
         "dot.1": "weight matmuls", "ynn_fusion.4": "weight matmuls", "attn_fusion": "attention",
         "loop_fusion.9": "other",
         # inside fused or called computations (never timed as operations of the decode loop's body):
         "dot.7": "attention", "dot.3": "weight matmuls", "multiply.2": "other"}
+    untimed = {"while.17", "call.1", "bitcast.5", "tuple.2", "get-tuple-element.3", "state", "h", "w", "arg"}
+    assert untimed <= {name for name, kind in categories.items() if kind is None}
+
+
+def test_decode_split_categories_of_a_compiled_program():
+    """On XLA's own text of a compiled program: the batched einsum is attention, the matmul with a
+    weight a weight matmul, and every dot-free operation other."""
+    import jax
+    import jax.numpy as jnp
+
+    from ouro_jax.benchmarks.decode_split import hlo_categories
+
+    def program(q, keys, x, w):
+        return jnp.einsum("bkh,bkmh->bkm", q, keys), jnp.tanh(x @ w) * 2.0
+
+    args = (jnp.ones((2, 4, 8)), jnp.ones((2, 4, 16, 8)), jnp.ones((3, 8)), jnp.ones((8, 5)))
+    categories = hlo_categories(jax.jit(program).lower(*args).compile().as_text())
+    kinds = [kind for kind in categories.values() if kind is not None]
+    assert kinds.count("attention") >= 1 and kinds.count("weight matmuls") >= 1 and "other" in kinds
 
 
 def test_decode_split_sums_the_profiled_operations_of_one_module(tmp_path):
-    """Only complete events of the named module's categorised operations count, in seconds."""
-    from ouro_jax.benchmarks.profile import trace_seconds
+    """Only complete events of the named module's operations count, in seconds: an operation the HLO
+    text does not name is other, a container (None) is not counted."""
+    from ouro_jax.benchmarks.decode_split import trace_seconds
 
     def op(name, dur, module="jit__decode"):
         return {"ph": "X", "name": name, "dur": dur, "args": {"hlo_module": module, "hlo_op": name}}
 
     events = [op("dot.1", 30.0), op("dot.1", 10.0), op("attn_fusion", 25.0), op("loop_fusion.9", 5.0),
-              op("dot.1", 1000.0, module="jit__prefill"), op("while.17", 500.0),
+              op("copy.3", 2.0), op("dot.1", 1000.0, module="jit__prefill"), op("while.17", 500.0),
               {"ph": "X", "name": "ThunkExecutor::Execute", "dur": 900.0},
               {"ph": "M", "name": "thread_name", "args": {"name": "python"}}]
     profile_dir = tmp_path / "plugins" / "profile" / "run"
     profile_dir.mkdir(parents=True)
     with gzip.open(profile_dir / "perfetto_trace.json.gz", "wt") as f:
         json.dump({"traceEvents": events}, f)
-    categories = {"dot.1": "weight matmuls", "attn_fusion": "attention", "loop_fusion.9": "other"}
-    seconds = trace_seconds(str(tmp_path), "jit__decode", categories)
-    assert seconds == pytest.approx({"weight matmuls": 40e-6, "attention": 25e-6, "other": 5e-6})
+    categories = {"dot.1": "weight matmuls", "attn_fusion": "attention", "loop_fusion.9": "other",
+                  "while.17": None}
+    seconds, operations = trace_seconds(str(tmp_path), "jit__decode", categories)
+    assert seconds == pytest.approx({"weight matmuls": 40e-6, "attention": 25e-6, "other": 7e-6})
+    assert operations == {"weight matmuls": 2, "attention": 1, "other": 2}
 
 
 def test_decode_split_smoke_run_reports_shares_and_bytes(tmp_path):
@@ -157,10 +179,11 @@ def test_decode_split_smoke_run_reports_shares_and_bytes(tmp_path):
     done = _benchmarks("--bench=decode.split", "--batches=1", "--repeats=1", "--prompt_len=4",
                        "--new_tokens=3", f"--json={figures}")
     assert done.returncode == 0, done.stderr
-    assert "| batch | ms / step | ms / step profiled | weight matmuls share |" in done.stdout
+    assert "| batch | ms / step | ms / step profiled | XLA operations / step | weight matmuls share |" in (
+        done.stdout)
     (figure,) = json.loads(figures.read_text())["decode.split"]["figures"]["batches"]
     shares = figure["shares"]
     assert sum(shares.values()) == pytest.approx(1.0)
-    assert shares["weight matmuls"] > 0 and shares["attention"] > 0
+    assert shares["weight matmuls"] > 0 and shares["attention"] > 0 and figure["operations_per_step"] > 0
     assert figure["weight_mb_per_step"] == pytest.approx(4 * (16 * 802_816 + 4096 * 256) / 1e6)
     assert figure["kv_mb_per_step"] == pytest.approx(4 * 16 * 1 * 4 * 64 * (4 + 3) * 2 / 1e6)

@@ -11,7 +11,7 @@ markdown and add its figures to FILE (a JSON object keyed by benchmark name; oth
     python -m ouro_jax.benchmarks --bench=convert.roundtrip --preset=ouro_1p4b
 
 NAME is a benchmark (`BENCHMARKS`) or a group (train, decode, convert). What each measures is in the
-docstrings of `ouro_jax.benchmarks.train`, `.decode`, `.profile` (decode.split) and `.convert`. Bad
+docstrings of `ouro_jax.benchmarks.train`, `.decode`, `.decode_split` and `.convert`. Bad
 input prints one line.
 """
 
@@ -38,8 +38,8 @@ _SCAN_LAYERS = flags.DEFINE_bool("scan_layers", True, "train.fwd_bwd, train.step
 _BETA = flags.DEFINE_float("beta", 0.1, "train.*: Stage I entropy coefficient.")
 # decode.*
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "decode.speed, decode.split: batch sizes.")
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "decode.speed, decode.cache: prompt length.")
-_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "decode.speed, decode.cache: new tokens.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "decode.speed, .cache, .rows, .split: prompt length.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "decode.speed, .cache, .rows, .split: new tokens.")
 _RUN_DIR = flags.DEFINE_string("run_dir", None, "decode.exit: a trained p-hop run; default: train the demo "
                                "recipe into a temporary run.")
 _TRAIN_STEPS = flags.DEFINE_integer("train_steps", 1500, "decode.exit: steps when it trains its own run.")
@@ -85,7 +85,7 @@ def _numbers(flag) -> list:
 
 def _run(name: str):
     """The `Result` of benchmark `name` with the flags' settings."""
-    from ouro_jax.benchmarks import convert, decode, profile, train
+    from ouro_jax.benchmarks import convert, decode, decode_split, train
 
     sizes = dict(batch=_BATCH.value, seq_len=_SEQ_LEN.value, beta=_BETA.value)
     layout = dict(remat_policy=_REMAT_POLICY.value, scan_layers=_SCAN_LAYERS.value)
@@ -104,7 +104,7 @@ def _run(name: str):
         "decode.rows": lambda: decode.rows(repeats=repeats, batches=_numbers(_ROW_BATCHES),
                                            gate_scales=_numbers(_GATE_SCALES),
                                            thresholds=_numbers(_ROW_THRESHOLDS), **tokens),
-        "decode.split": lambda: profile.split(repeats=repeats, batches=_numbers(_BATCHES), **tokens),
+        "decode.split": lambda: decode_split.split(repeats=repeats, batches=_numbers(_BATCHES), **tokens),
         "convert.roundtrip": lambda: convert.roundtrip(preset=_PRESET.value, dtype=_DTYPE.value,
                                                        workdir=_WORKDIR.value, keep=_KEEP.value),
     }[name]()

@@ -33,7 +33,7 @@ Why batch-8 decode trails HF's speed-up at batch 1: at batch 8 a decode step is 
 reading the K/V of all T x N (loop, layer) caches for every row, prompt and decoded positions (the
 decode loop's phases read at most twice the filled decoded positions, HF's dynamic cache exactly those);
 both are large against this CPU's FLOP rate and memory bandwidth, while at batch 1 HF's per-call Python
-overhead dominates (`decode.split` in `profile.py` measures the split; README, Benchmarks).
+overhead dominates (`decode.split`, `decode_split.py`, measures the split; README, Benchmarks).
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ from ouro_jax.model import config as configs
 from ouro_jax.model.ouro import Ouro
 
 
-def _benchmark_model() -> Ouro:
+def benchmark_model() -> Ouro:
+    """The cpu_benchmark-shaped model (`model.config.cpu_benchmark`) with random weights, seed 0."""
     return Ouro(configs.cpu_benchmark(), rngs=nnx.Rngs(0))
 
 
@@ -76,7 +77,7 @@ def speed(*, repeats: int, batches: list[int], prompt_len: int = 64, new_tokens:
 
     from ouro_jax.convert.hf import to_torch
 
-    model = _benchmark_model()
+    model = benchmark_model()
     torch_model = to_torch(model)
     m = new_tokens
     rows, figures = [], []
@@ -122,7 +123,7 @@ def speed(*, repeats: int, batches: list[int], prompt_len: int = 64, new_tokens:
 # --- cache -------------------------------------------------------------------------------------
 def cache(*, repeats: int, prompt_len: int = 64, new_tokens: int = 128) -> Result:
     """KV cache bytes and decode tokens/s per kv_sharing mode, batch 8."""
-    model = _benchmark_model()
+    model = benchmark_model()
     ids = np.random.default_rng(0).integers(3, model.config.vocab_size, (8, prompt_len))
     rows, figures, none = [], [], None
     for sharing in ("none", "last", "average"):
@@ -269,7 +270,7 @@ def _exit_mechanism(repeats: int, skipped_kv: tuple[str, ...]) -> tuple[str, lis
     """Skipping at a realistic loop cost: the cpu_benchmark shape (random weights, gate kernel x10 so
     that tokens exit at various loops), batch 1, prompt 64, 64 new tokens, per `skipped_kv` policy;
     tokens are not meaningful, only time against loops run and the agreement with "compute" are."""
-    model = _benchmark_model()
+    model = benchmark_model()
     model.early_exit_gate.kernel[...] = model.early_exit_gate.kernel[...] * 10
     prompts = np.random.default_rng(0).integers(3, model.config.vocab_size, (4, 64))
     settings = [("full depth", {})] + [(f"Q-exit q={q} {kv}", {"exit_threshold": q, "skipped_kv": kv})
@@ -306,7 +307,7 @@ def _exit_mechanism(repeats: int, skipped_kv: tuple[str, ...]) -> tuple[str, lis
 def rows(*, repeats: int, batches: list[int], gate_scales: list[float], thresholds: list[float],
          prompt_len: int = 64, new_tokens: int = 64) -> Result:
     """Decode time vs executed row-loops with and without `compact_rows` (module docstring)."""
-    model = _benchmark_model()
+    model = benchmark_model()
     gate = model.early_exit_gate.kernel[...]
     t_max = model.config.total_ut_steps
     lines, figures = [], []

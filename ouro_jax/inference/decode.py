@@ -111,7 +111,8 @@ def row_buckets(batch: int) -> tuple[int, ...]:
 class DecodeSpec:
     """Static settings of one compiled generation (part of the compilation key). skipped_kv: the K/V of
     skipped loops (`SKIPPED_KV`; "copy" also under kv_sharing "last" / "average", where a decoded token
-    has no per-loop slots to fill and skipped loops are never computed); loop_logits: keep every
+    has no per-loop slots to fill and skipped loops are never computed; "compute" for the "fixed" policy,
+    which skips no loop); loop_logits: keep every
     loop's logits; stream: the decode loop reports every token to the `on_token` callback registered
     under `Knobs.stream_id`; compact_rows: each loop runs only on the rows that need it, gathered into a
     bucket of `row_buckets(B)` rows (`_decode_token`; never with the "fixed" policy or "compute");
@@ -581,7 +582,9 @@ def _settings(config, max_new_tokens: int, *, exit_threshold, exit_at_loop, exit
     policy, threshold = _policy(config.total_ut_steps, exit_threshold, exit_at_loop, exit_policy,
                                 hidden_delta_eps)
     greedy = temperature == 0
-    skipped_kv = skipped_kv if kv_sharing == "none" else "copy"
+    # A fixed depth skips none of the loops it runs (the cache holds just those), so it has nothing to
+    # fill: "compute" names that, and spares every decode step the "project" fill's N K/V projections.
+    skipped_kv = "compute" if policy.kind == "fixed" else skipped_kv if kv_sharing == "none" else "copy"
     spec = DecodeSpec(policy=policy, kv_sharing=kv_sharing, skipped_kv=skipped_kv,
                       max_new_tokens=max_new_tokens, greedy=greedy,
                       top_k=None if greedy else top_k, top_p=not greedy and top_p is not None,
@@ -664,7 +667,10 @@ def generate(
         (`python -m ouro_jax.benchmarks --bench=decode.exit`, q = 0.9 / 0.5 / 0.2) its answers agreed
         100 % with "compute" at every q (copy: 99.4-99.7 %, up to 0.5 points less accurate) while
         running 0.76-0.84 of the loops at q = 0.2 (compute: all); at the cpu_benchmark shape with
-        random weights it saved 4-28 % of decode time (copy 33-54 %, compute none).
+        random weights it saved 4-28 % of decode time (copy 33-54 %, compute none). A fixed depth
+        (full, or `exit_at_loop`) skips no loop, so this setting does not change it (and it pays for no
+        fill: batch-1 decode was 12-20 % faster once the full depth stopped computing the unused
+        "project" fill, same tokens).
       compact_rows: run each loop only on the rows that need it (not yet exited and unfinished),
         gathered into a bucket of a power-of-two size (or B) rows with their cache rows and scattered
         back, so that rows that exited or stopped cost no layer compute (`_decode_token`). The same

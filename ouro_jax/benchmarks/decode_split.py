@@ -1,23 +1,24 @@
 """decode.split: where a decode step's time goes, from XLA's own profile of `generate`.
 
 `generate` (cpu_benchmark shape, random weights, greedy, full depth) runs once under `jax.profiler`;
-every operation the XLA runtime executed inside the compiled decode loop is put in one of three
+every operation the XLA runtime executed for the compiled decode program (its token loop, plus once
+per call the kernels' fusing and the cache's growth between phases) is put in one of three
 categories by its optimized HLO instruction:
 
   weight matmuls  dots without batch dimensions: the q/k/v, o, gate/up and down projections of every
                   (loop, layer), the exit gate and the LM head (on CPU each runs as one library call);
   attention       dots with batch dimensions: the scores and weighted values over the cached K/V;
   other           everything else: norms, RoPE, softmax, residual adds, cache writes, sampling, the
-                  loop's bookkeeping.
+                  loop's bookkeeping (and any operation the HLO text does not name).
 
-Each category's time per decode step (the profiler slows every operation, so the shares are the
-figure to read; the unprofiled step time is shown beside them) is set against the bytes it must
+Shares are of the operations' summed time, which XLA may spend on two cores at once; the profiler
+slows every operation, so the shares are the figure to read, with the unprofiled step time beside
+them. Each category's time in the unprofiled step (its share of it) is set against the bytes it must
 read per step: the weights once per (loop, layer) application plus the LM head, and every (loop,
 layer) slot's K/V up to the decode loop's current phase length (`decode.cache_phases`). With this
-machine's read bandwidth (a jitted sum over 256 MB, one core) that says whether a part is bound by
-memory or by arithmetic.
+machine's read bandwidth (a jitted sum over 256 MB) that says whether a part is bound by memory or by
+arithmetic.
 """
-
 from __future__ import annotations
 
 import collections
@@ -38,18 +39,18 @@ from ouro_jax.benchmarks.common import Result, table, wall
 from ouro_jax.inference import decode
 
 CATEGORIES = ("weight matmuls", "attention", "other")
-_CONTAINERS = {"while", "conditional", "call", "parameter", "constant", "tuple", "get-tuple-element",
-               "bitcast"}  # not timed as operations of their own (containers, or free)
+_NOT_TIMED = {"while", "conditional", "call", "parameter", "constant", "tuple", "get-tuple-element",
+              "bitcast"}  # containers of other operations, or free: no time of their own
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
 
 
 def hlo_categories(hlo_text: str) -> dict[str, str]:
     """Instruction name -> category (`CATEGORIES`) for every instruction of optimized HLO text
-    (`Compiled.as_text()`) that runs as an operation of its own; containers (while, conditional) and
-    free instructions (parameters, tuples, bitcasts) are left out. A dot, or a fusion whose computation
-    (or one it calls) holds a dot, is "attention" if that dot has batch dimensions, else a "weight
-    matmul"."""
+    (`Compiled.as_text()`, one instruction per line), or None for containers (while, conditional) and
+    free instructions (parameters, tuples, bitcasts), which have no time of their own. A dot, or a
+    fusion whose computation (or one it calls) holds a dot, is "attention" if that dot has batch
+    dimensions, else a "weight matmul"."""
     instructions = {}  # name -> (opcode, called computations, batched dot)
     calls: dict[str, list[str]] = collections.defaultdict(list)
     batched: dict[str, bool] = {}  # computation -> whether its dots have batch dims (absent: no dot)
@@ -77,7 +78,8 @@ def hlo_categories(hlo_text: str) -> dict[str, str]:
 
     categories = {}
     for name, (opcode, called, has_batch) in instructions.items():
-        if opcode in _CONTAINERS:
+        if opcode in _NOT_TIMED:
+            categories[name] = None
             continue
         kinds = [k for c in called for k in [dot_kind(c)] if k is not None] if opcode == "fusion" else []
         kind = has_batch if opcode == "dot" else (any(kinds) if kinds else None)
@@ -105,24 +107,30 @@ def _recording_compiles() -> Iterator[dict[str, str]]:
         decode._compile = compile_fn
 
 
-def trace_seconds(trace_dir: str, module: str, categories: dict[str, str]) -> dict[str, float]:
-    """Seconds per category of the operations of HLO module `module` (e.g. "jit__decode") in the
-    Perfetto trace `jax.profiler.trace(trace_dir, create_perfetto_trace=True)` wrote."""
+def trace_seconds(trace_dir: str, module: str, categories: dict[str, str | None]
+                  ) -> tuple[dict[str, float], dict[str, int]]:
+    """(seconds, operations) per category of the operations of HLO module `module` (e.g. "jit__decode")
+    in the Perfetto trace `jax.profiler.trace(trace_dir, create_perfetto_trace=True)` wrote; an
+    operation `categories` does not name counts as "other", one it maps to None not at all."""
     (path,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
     with gzip.open(path) as f:
         events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
-    seconds = dict.fromkeys(CATEGORIES, 0.0)
+    seconds, operations = dict.fromkeys(CATEGORIES, 0.0), dict.fromkeys(CATEGORIES, 0)
     for event in events:
         args = event.get("args") or {}
-        if event.get("ph") == "X" and args.get("hlo_module") == module and args.get("hlo_op") in categories:
-            seconds[categories[args["hlo_op"]]] += event["dur"] * 1e-6
-    return seconds
+        if event.get("ph") != "X" or args.get("hlo_module") != module or "hlo_op" not in args:
+            continue
+        kind = categories.get(args["hlo_op"], "other")
+        if kind is not None:
+            seconds[kind] += event["dur"] * 1e-6
+            operations[kind] += 1
+    return seconds, operations
 
 
 def read_bandwidth(megabytes: int = 256, repeats: int = 3) -> float:
-    """Bytes/s of a jitted sum over a float32 array of `megabytes` MB, best of `repeats`."""
-    x = jnp.ones((megabytes << 18,), jnp.float32)
+    """Bytes/s of a jitted sum over a float32 array of `megabytes` MB (10^6 bytes), best of `repeats`."""
+    x = jnp.ones((megabytes * 250_000,), jnp.float32)
     total = jax.jit(jnp.sum)
     total(x).block_until_ready()
     return x.nbytes / min(wall(lambda: total(x).block_until_ready()) for _ in range(repeats))
@@ -142,14 +150,27 @@ def _bytes_per_step(config, batch: int, prompt_len: int, new_tokens: int) -> tup
     return weights, 4 * 2 * slots * batch * kv * float(np.mean(positions))
 
 
+def _row(batch, step_s, profiled_s, seconds, operations, weight_bytes, kv_bytes, steps) -> dict:
+    """One batch's figures: per step times, shares, operations, bytes and the rates they imply."""
+    total = sum(seconds.values())
+    shares = {k: x / total for k, x in seconds.items()}
+    in_step = {k: shares[k] * step_s / steps for k in CATEGORIES}  # seconds of the unprofiled step
+    return {"batch": batch, "step_ms": 1e3 * step_s / steps, "profiled_step_ms": 1e3 * profiled_s / steps,
+            "shares": shares, "operations_per_step": sum(operations.values()) / steps,
+            "weight_mb_per_step": weight_bytes / 1e6, "kv_mb_per_step": kv_bytes / 1e6,
+            "weight_gflops": 2 * batch * (weight_bytes / 4) / in_step["weight matmuls"] / 1e9,
+            "weight_gb_per_s": weight_bytes / in_step["weight matmuls"] / 1e9,
+            "kv_gb_per_s": kv_bytes / in_step["attention"] / 1e9}
+
+
 def split(*, repeats: int, batches: list[int], prompt_len: int = 64, new_tokens: int = 128) -> Result:
     """Per batch size: each category's share of a profiled decode step, its time and what it reads
     (module docstring)."""
-    from ouro_jax.benchmarks.decode import _benchmark_model
+    from ouro_jax.benchmarks.decode import benchmark_model
 
     if new_tokens < 2:
         raise cli.UserError(f"decode.split: --new_tokens={new_tokens} leaves no decode step; need >= 2")
-    model = _benchmark_model()
+    model = benchmark_model()
     cfg = model.config
     bandwidth = read_bandwidth()
     rows, figures = [], []
@@ -160,31 +181,22 @@ def split(*, repeats: int, batches: list[int], prompt_len: int = 64, new_tokens:
         step_s = min(decode.generate(model, ids, new_tokens).stats.decode_s for _ in range(repeats))
         with tempfile.TemporaryDirectory() as trace_dir:
             with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-                profiled = decode.generate(model, ids, new_tokens).stats.decode_s
-            seconds = trace_seconds(trace_dir, "jit__decode", hlo_categories(texts["_decode"]))
-        steps = new_tokens - 1
-        weight_bytes, kv_bytes = _bytes_per_step(cfg, batch, prompt_len, new_tokens)
-        total = sum(seconds.values())
-        flops = 2 * batch * weight_bytes / 4
-        shares = {k: s / total for k, s in seconds.items()}
-        figure = {"batch": batch, "step_ms": 1e3 * step_s / steps, "profiled_step_ms": 1e3 * profiled / steps,
-                  "ops_ms_per_step": {k: 1e3 * s / steps for k, s in seconds.items()}, "shares": shares,
-                  "weight_mb_per_step": weight_bytes / 1e6, "kv_mb_per_step": kv_bytes / 1e6}
-        # each category's time in the unprofiled step, in proportion to its share of the operations
-        unprofiled = {k: shares[k] * step_s / steps for k in CATEGORIES}
-        figure["weight_gflops"] = flops / unprofiled["weight matmuls"] / 1e9
-        figure["weight_gb_per_s"] = weight_bytes / unprofiled["weight matmuls"] / 1e9
-        figure["kv_gb_per_s"] = kv_bytes / unprofiled["attention"] / 1e9
-        figures.append(figure)
-        rows.append([batch, f"{figure['step_ms']:.2f}", f"{figure['profiled_step_ms']:.2f}",
-                     *(f"{100 * shares[k]:.0f} %" for k in CATEGORIES),
-                     f"{figure['weight_mb_per_step']:.1f} MB, {figure['weight_gflops']:.0f} GFLOP/s, "
-                     f"{figure['weight_gb_per_s']:.0f} GB/s",
-                     f"{figure['kv_mb_per_step']:.1f} MB, {figure['kv_gb_per_s']:.0f} GB/s"])
+                profiled_s = decode.generate(model, ids, new_tokens).stats.decode_s
+            seconds, operations = trace_seconds(trace_dir, "jit__decode", hlo_categories(texts["_decode"]))
+        f = _row(batch, step_s, profiled_s, seconds, operations,
+                 *_bytes_per_step(cfg, batch, prompt_len, new_tokens), steps=new_tokens - 1)
+        figures.append(f)
+        rows.append([batch, f"{f['step_ms']:.2f}", f"{f['profiled_step_ms']:.2f}",
+                     f"{f['operations_per_step']:.0f}",
+                     *(f"{100 * f['shares'][k]:.0f} %" for k in CATEGORIES),
+                     f"{f['weight_mb_per_step']:.1f} MB, {f['weight_gflops']:.0f} GFLOP/s, "
+                     f"{f['weight_gb_per_s']:.0f} GB/s",
+                     f"{f['kv_mb_per_step']:.1f} MB, {f['kv_gb_per_s']:.0f} GB/s"])
     text = (f"decode step split (cpu_benchmark shape, random weights, prompt {prompt_len}, {new_tokens} new "
-            f"tokens, greedy, full depth, float32; operations of the compiled decode loop from XLA's "
-            f"profile; this machine's read bandwidth, one core: {bandwidth / 1e9:.1f} GB/s)\n\n"
-            + table(["batch", "ms / step", "ms / step profiled", *(f"{k} share" for k in CATEGORIES),
+            f"tokens, greedy, full depth, float32; operations of the compiled decode program from XLA's "
+            f"profile; this machine's read bandwidth: {bandwidth / 1e9:.1f} GB/s)\n\n"
+            + table(["batch", "ms / step", "ms / step profiled", "XLA operations / step",
+                     *(f"{k} share" for k in CATEGORIES),
                      "weight matmuls: read per step, at the unprofiled share",
                      "attention: K/V read per step, at the unprofiled share"], rows))
     return Result(text, {"batches": figures, "read_gb_per_s": bandwidth / 1e9, "prompt_len": prompt_len,
