@@ -30,7 +30,8 @@ the layers' `attend` hook differs:
            loop address its own cache slots statically; a dynamic loop index would copy the loop's
            whole cache slice each time). The exit policy (`policies.py`) picks each row's exit loop,
            whose state (hence logits) is frozen there. What happens to the loops after it is
-           `skipped_kv` (`SKIPPED_KV`, with kv_sharing "none"):
+           `skipped_kv` (`SKIPPED_KV`, with kv_sharing "none"; a fixed depth skips none of the loops
+           it runs, so it runs as "compute"):
              compute  every loop runs for every row, so every (loop, layer) slot holds real K/V: the
                       released code's semantics, no compute saved;
              project  loop index t > 0 runs under `lax.cond` only while some unfinished row has not
@@ -669,7 +670,7 @@ def generate(
         running 0.76-0.84 of the loops at q = 0.2 (compute: all); at the cpu_benchmark shape with
         random weights it saved 4-28 % of decode time (copy 33-54 %, compute none). A fixed depth
         (full, or `exit_at_loop`) skips no loop, so this setting does not change it (and it pays for no
-        fill: batch-1 decode was 12-20 % faster once the full depth stopped computing the unused
+        fill: batch-1 decode was 11-22 % faster once the full depth stopped computing the unused
         "project" fill, same tokens).
       compact_rows: run each loop only on the rows that need it (not yet exited and unfinished),
         gathered into a bucket of a power-of-two size (or B) rows with their cache rows and scattered
