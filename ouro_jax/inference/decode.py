@@ -668,10 +668,10 @@ def generate(
         (`python -m ouro_jax.benchmarks --bench=decode.exit`, q = 0.9 / 0.5 / 0.2) its answers agreed
         100 % with "compute" at every q (copy: 99.4-99.7 %, up to 0.5 points less accurate) while
         running 0.76-0.84 of the loops at q = 0.2 (compute: all); at the cpu_benchmark shape with
-        random weights it saved 4-28 % of decode time (copy 33-54 %, compute none). A fixed depth
-        (full, or `exit_at_loop`) skips no loop, so this setting does not change it (and it pays for no
-        fill: batch-1 decode was 11-22 % faster once the full depth stopped computing the unused
-        "project" fill, same tokens).
+        random weights (batch 1, 2026-12-01) it saved 30-47 % of decode time (copy 41-57 %; compute
+        none: 6-11 % more than full depth). A fixed depth (full, or `exit_at_loop`) skips no loop, so
+        this setting does not change it, and it pays for no fill (batch-1 decode was 11-22 % faster
+        once the full depth stopped computing the unused "project" fill; same tokens).
       compact_rows: run each loop only on the rows that need it (not yet exited and unfinished),
         gathered into a bucket of a power-of-two size (or B) rows with their cache rows and scattered
         back, so that rows that exited or stopped cost no layer compute (`_decode_token`). The same
