@@ -116,7 +116,7 @@ class DecodeSpec:
     which skips no loop); loop_logits: keep every
     loop's logits; stream: the decode loop reports every token to the `on_token` callback registered
     under `Knobs.stream_id`; compact_rows: each loop runs only on the rows that need it, gathered into a
-    bucket of `row_buckets(B)` rows (`_decode_token`; never with the "fixed" policy or "compute");
+    bucket of `row_buckets(B)` rows (`_decode_token`; never with "compute");
     cache_phases: the decoded-token cache length of each phase of the decode loop (`cache_phases`)."""
 
     policy: ExitPolicy
@@ -322,8 +322,8 @@ def _decode_token(model, layers, spec: DecodeSpec, state: DecodeState, threshold
     """Run token `state.index - 1` (fed back at position index - 1) through its adaptive recurrence.
 
     The T loops are unrolled (each reads its own cache slots). A row needs loop index t while it is
-    unfinished and has not exited before t. With skipped_kv "compute" or the "fixed" policy every
-    loop runs for every row. Otherwise, uncompacted, loop index t > 0 runs for the whole batch under
+    unfinished and has not exited before t. With skipped_kv "compute" (which a fixed depth runs as)
+    every loop runs for every row. Otherwise, uncompacted, loop index t > 0 runs for the whole batch under
     `lax.cond` only while some row needs it: rows that do not need it ride along and their results
     are discarded. With `spec.compact_rows` the needed rows are gathered into the smallest
     bucket of `row_buckets(B)` that holds them (`lax.switch` over the bucket sizes; an empty bucket
@@ -392,9 +392,8 @@ def _decode_token(model, layers, spec: DecodeSpec, state: DecodeState, threshold
                                               for size in (0, *sizes)], h)
             ran = bounds[bucket]
         # Loop 1 always runs (some row is unfinished, else the token loop has stopped), and so does
-        # every loop of "compute" and of the "fixed" policy, which exits no row early: no cond (and
-        # its cost) there.
-        elif t == 0 or spec.policy.kind == "fixed" or spec.skipped_kv == "compute":
+        # every loop of "compute" (also a fixed depth's, `_settings`): no cond (and its cost) there.
+        elif t == 0 or spec.skipped_kv == "compute":
             (h, k, v), ran = layers_on(t, h), jnp.int32(b)
         else:
             h, k, v = jax.lax.cond(jnp.any(needed), lambda h: layers_on(t, h),
@@ -590,7 +589,7 @@ def _settings(config, max_new_tokens: int, *, exit_threshold, exit_at_loop, exit
                       max_new_tokens=max_new_tokens, greedy=greedy,
                       top_k=None if greedy else top_k, top_p=not greedy and top_p is not None,
                       pad_id=pad_id, loop_logits=output_loop_logits, stream=stream,
-                      compact_rows=compact_rows and policy.kind != "fixed" and skipped_kv != "compute",
+                      compact_rows=compact_rows and skipped_kv != "compute",
                       cache_phases=cache_phases(max_new_tokens))
     knobs = Knobs(*(jnp.float32(x) for x in (threshold, temperature if not greedy else 1.0,
                                               1.0 if top_p is None else top_p)),
