@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ouro_jax import cli
+from ouro_jax.aot.flops import layer_flops, readout_flops
 from ouro_jax.benchmarks.common import Result, table, wall
 from ouro_jax.inference import decode
 
@@ -139,12 +140,12 @@ def read_bandwidth(megabytes: int = 256, repeats: int = 3) -> float:
 def _bytes_per_step(config, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, float]:
     """(weight bytes, K/V bytes) a full-depth float32 decode step reads, averaged over the M - 1 steps:
     every (loop, layer) application reads its layer's weights and its slot's K/V (prompt positions and
-    the current phase's decoded positions); the LM head is read once."""
-    d, f, h = config.hidden_size, config.intermediate_size, config.head_dim
-    q, kv = config.num_attention_heads * h, config.num_key_value_heads * h
-    layer = d * (q + 2 * kv) + q * d + 3 * d * f
+    the current phase's decoded positions); the LM head is read once. A matmul does one multiply-add
+    (2 FLOPs) per weight, so the weight counts are `aot.flops`' per-token FLOPs / 2."""
+    layer = layer_flops(config)
     slots = config.total_ut_steps * config.num_hidden_layers
-    weights = 4 * (slots * layer + config.vocab_size * d)
+    weights = 4 * (slots * (layer.projections + layer.mlp) + readout_flops(config)[0]) / 2
+    kv = config.num_key_value_heads * config.head_dim
     phases = decode.cache_phases(new_tokens)
     positions = [prompt_len + next(p for p in phases if i <= p) for i in range(1, new_tokens)]
     return weights, 4 * 2 * slots * batch * kv * float(np.mean(positions))
