@@ -185,19 +185,20 @@ def test_threshold_one_is_last_step_even_with_saturated_gates():
 
 
 def _reference_losses(model, x, labels, beta):
-    """(released, stage1) next-token losses in float64 from the oracle: the CE of the exit-pdf-weighted
-    mixture of the steps' logits, and sum_t p_t CE_t - beta H(p); means over labels != -100."""
+    """(released, stage1, mixture) in float64 from the oracle: the next-token CE of the exit-pdf-weighted
+    mixture of the steps' logits, sum_t p_t CE_t - beta H(p) (means over labels != -100), and that mixture
+    [B, S, V] at every position."""
     logits, gates = oracle_forward(model, x)  # [T, B, S, V], [T, B, S]
+    mixture = np.einsum("tbsv,tbs->bsv", logits, oracle.exit_pdf(gates))
     pdf = oracle.exit_pdf(gates)[:, :, :-1]
     targets = labels[:, 1:].numpy()
     used = targets != -100
     safe = np.where(used, targets, 0)
-    mixture = np.einsum("tbsv,tbs->bsv", logits[:, :, :-1], pdf)
-    released = oracle.cross_entropy(mixture, safe)[used].mean()
+    released = oracle.cross_entropy(mixture[:, :-1], safe)[used].mean()
     per_step = np.stack([oracle.cross_entropy(step[:, :-1], safe) for step in logits])
     entropy = -(pdf * np.log(pdf)).sum(0)
     stage1 = ((pdf * per_step).sum(0) - beta * entropy)[used].mean()
-    return released, stage1
+    return released, stage1, mixture
 
 
 def test_labels_loss_is_the_released_one_by_default_and_stage1_on_request():
@@ -205,11 +206,16 @@ def test_labels_loss_is_the_released_one_by_default_and_stage1_on_request():
     x = ids(2, 8)
     labels = x.clone()
     labels[0, 3] = labels[1, 6] = -100
-    released, stage1 = _reference_losses(model, x, labels, beta=0.3)
-    # the loss does not depend on the step selection of the returned logits
+    released, stage1, mixture = _reference_losses(model, x, labels, beta=0.3)
+    # the loss does not depend on the step selection, and the returned logits are the mixture the
+    # released code takes the loss of (not the exit step's logits)
     for kwargs in ({}, {"exit_at_step": 1}, {"exit_threshold": 0.5}):
         out = model(x, labels=labels, **kwargs)
         np.testing.assert_allclose(out.loss.item(), released, rtol=1e-5)
+        np.testing.assert_allclose(out.logits.detach().numpy(), mixture, rtol=1e-4, atol=1e-5)
+        assert out.exit_steps is None
+    plain = model(x, exit_at_step=1).logits.detach().numpy()
+    assert np.abs(plain - mixture).max() > 1e-3  # without labels: the exit step's logits, not the mixture
     out = model(x, labels=labels, loss_objective="stage1", entropy_beta=0.3)
     np.testing.assert_allclose(out.loss.item(), stage1, rtol=1e-5)
     assert abs(released - stage1) > 1e-3  # the two objectives differ on this model

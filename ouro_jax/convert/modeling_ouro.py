@@ -400,7 +400,9 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
         logits_to_keep: int n keeps the last n positions (0: all), or a 1-D tensor of positions.
 
         labels [B, S] (-100: ignored): next-token loss over the kept positions, independent of the step
-        selection. loss_objective "released" (default): the released code's, the cross-entropy of
+        selection; the returned `logits` are then the mixture sum_t p_t logits_t whatever the step
+        selection (`exit_steps` None), as the released code returns them with `labels`.
+        loss_objective "released" (default): the released code's, the cross-entropy of
         the mixture of logits sum_t p_t logits_t; "stage1": the paper's Stage I objective (§3.3,
         Eq. 4), sum_t p_t CE_t - entropy_beta * H(p) per token. Both are means over the labelled
         tokens, or sums divided by `num_items_in_batch` when transformers' Trainer passes it.
@@ -438,7 +440,8 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
             exit_steps = q_exit_steps(gate_logits, threshold)
         elif not use_weighted_exit:
             exit_steps = torch.full(gate_logits.shape[1:], steps - 1, device=states.device)
-        if exit_steps is None:
+        if labels is not None or exit_steps is None:
+            exit_steps = None  # with labels the released code returns the mixture it takes the loss of
             logits = torch.einsum("tbsv,tbs->bsv", all_step_logits.float(), pdf)
         else:
             index = exit_steps[None, ..., None].expand(1, *states.shape[1:])
@@ -448,8 +451,7 @@ class OuroForCausalLM(OuroPreTrainedModel, GenerationMixin):
             labels = labels[:, keep]
             items = kwargs.get("num_items_in_batch")
             if loss_objective == "released":
-                mixture = torch.einsum("tbsv,tbs->bsv", all_step_logits.float(), pdf)
-                loss = _next_token_loss(_token_ce(mixture, labels), labels, items)
+                loss = _next_token_loss(_token_ce(logits, labels), labels, items)
             else:
                 entropy = -torch.special.xlogy(pdf, pdf).sum(0)[:, :-1]  # [B, S'-1]
                 per_token = (pdf[:, :, :-1] * _token_ce(all_step_logits, labels)).sum(0)
