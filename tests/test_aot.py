@@ -105,9 +105,11 @@ def test_cli_compiles_the_train_step_for_a_small_slice(tmp_path):
     wide = dict(num_hidden_layers=2, hidden_size=512, head_dim=128, intermediate_size=1024)
     out = tmp_path / "report.json"
     # grad_accum_steps=3 does not split the batch; --rows_per_chip replaces it (as a recipe's count for
-    # another slice would be)
+    # another slice would be). An upcycling config compiles without the run it would start from
+    # (init_from): compiling reads no checkpoint.
     done = _aot("--config=configs/demo.py", "--topology=v5e-4", "--rows_per_chip=8", f"--json={out}",
                 "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.optimizer.grad_accum_steps=3",
+                "--config.init_upcycle=stacked",
                 *(f"--config.model.{k}={v}" for k, v in wide.items()))
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())

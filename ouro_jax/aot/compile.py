@@ -62,7 +62,7 @@ def _working_config(config: ml_collections.ConfigDict, *,
 def _mesh_and_resolved(config, tpu: Slice, num_slices: int):
     devs = devices(tpu, num_slices)
     resolved = config_lib.validate(config, num_devices=len(devs), process_count=tpu.hosts * num_slices,
-                                   platform="tpu", check_data=False)
+                                   platform="tpu", check_inputs=False)
     return sharding.make_mesh(config.mesh.to_dict(), devs), resolved
 
 
@@ -120,7 +120,7 @@ def train_step(config: ml_collections.ConfigDict, tpu: Slice, *, num_slices: int
         config = with_rows_per_chip(config, rows_per_chip, shards)
         resolved = config_lib.validate(config, num_devices=mesh.size,
                                        process_count=tpu.hosts * num_slices, platform="tpu",
-                                       check_data=False)
+                                       check_inputs=False)
     start = time.perf_counter()
     program = program_lib.build(config, resolved, mesh)
     init_s = time.perf_counter() - start

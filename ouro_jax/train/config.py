@@ -111,29 +111,31 @@ def _check(condition: bool, key: str, why: str) -> None:
 
 def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
              process_count: int | None = None, platform: str | None = None,
-             check_data: bool = True) -> Resolved:
+             check_inputs: bool = True) -> Resolved:
     """Check every key the trainer reads against each other and the devices; the first bad one raises
     ConfigError. `num_devices` / `process_count` / `platform` ("cpu", "gpu", "tpu") default to this JAX
-    runtime's. `check_data=False` skips opening the data inputs (files, tokenizer): ahead-of-time
-    compilation needs only their shapes."""
+    runtime's. `check_inputs=False` skips what only a run reads: the data inputs (files, tokenizer) and
+    the checkpoint the parameters start from (`init_from`, which upcycling and Stage II need);
+    ahead-of-time compilation needs only shapes."""
     for key in ("total_steps", "log_every_steps"):
         _check(c[key] >= 1, key, f"must be >= 1, got {c[key]}")
     for key in ("checkpoint_every_steps", "eval_every_steps", "max_checkpoints_to_keep"):
         _check(c[key] >= 0, key, f"must be >= 0, got {c[key]}")
     _check(c.init_upcycle in UPCYCLE_ORDERS, "init_upcycle", f"must be one of {UPCYCLE_ORDERS}")
-    _check(not c.init_upcycle or bool(c.init_from), "init_upcycle", "needs config.init_from")
+    _check(not check_inputs or not c.init_upcycle or bool(c.init_from), "init_upcycle",
+           "needs config.init_from")
     try:
         model = OuroConfig(**c.model.to_dict())
     except (TypeError, ValueError) as err:
         raise ConfigError(f"config.model: {err}") from None
     _check(not c.init_upcycle or model.num_hidden_layers % 2 == 0, "init_upcycle",
            f"model.num_hidden_layers={model.num_hidden_layers} is not twice a source depth")
-    objective = _objective(c)
+    objective = _objective(c, check_inputs)
     opt = _optimizer(c)
 
     try:
         data = pipeline.resolve_config(c.data)
-        if check_data:
+        if check_inputs:
             pipeline.check_inputs(data, vocab_size=model.vocab_size)
     except (ValueError, OSError) as err:
         raise ConfigError(f"config.data: {err}") from None
@@ -159,14 +161,14 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
     return Resolved(model=model, objective=objective, optimizer=opt, mesh=mesh, micro_batches=micro)
 
 
-def _objective(c: ml_collections.ConfigDict) -> dict[str, Any]:
+def _objective(c: ml_collections.ConfigDict, check_inputs: bool) -> dict[str, Any]:
     obj = c.objective
     _check(obj.stage in (1, 2), "objective.stage", f"must be 1 or 2, got {obj.stage}")
     if obj.stage == 1:
         _check(obj.beta >= 0, "objective.beta", f"must be >= 0, got {obj.beta}")
         _check(obj.weighting in WEIGHTINGS, "objective.weighting", f"must be one of {WEIGHTINGS}")
         return {"stage": 1, "beta": obj.beta, "weighting": obj.weighting}
-    _check(bool(c.init_from), "init_from", "Stage II trains the exit gate of a trained model; set "
+    _check(not check_inputs or bool(c.init_from), "init_from", "Stage II trains the exit gate of a trained model; set "
            "--config.init_from=RUN_OR_CHECKPOINT")
     _check(obj.pairing in ("printed", "next"), "objective.pairing", "must be 'printed' or 'next'")
     _check(obj.k > 0, "objective.k", f"must be > 0, got {obj.k}")
