@@ -16,7 +16,7 @@ logits is alive at a time. T is the number of loops.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +32,10 @@ Metrics = dict[str, jax.Array]
 CE_CHUNK = 1024  # positions per LM-head chunk (the whole row when S is shorter or not a multiple)
 
 
-def _token_ce_and_correct(model: Ouro, targets: jax.Array):
-    """A `readout` for `Ouro.loop`: hidden [B, S, D] -> (CE [B, S] float32, argmax == target [B, S]),
-    computed over chunks of `CE_CHUNK` positions, each recomputed in the backward pass."""
+def _token_ce_and_correct(model: Ouro, targets: jax.Array, keep_hidden: bool):
+    """A `readout` for `Ouro.loop`: hidden [B, S, D] -> (CE [B, S] float32, argmax == target [B, S],
+    hidden or None), the CE computed over chunks of `CE_CHUNK` positions, each recomputed in the
+    backward pass."""
 
     def chunk(hidden, targets):  # [B, C, D], [B, C]
         logits = model.logits(hidden)
@@ -42,28 +43,36 @@ def _token_ce_and_correct(model: Ouro, targets: jax.Array):
         return ce, jnp.argmax(logits, axis=-1) == targets
 
     def readout(hidden):
+        kept = hidden if keep_hidden else None
         b, s = hidden.shape[:2]
         if s <= CE_CHUNK or s % CE_CHUNK:
-            return chunk(hidden, targets)
+            return (*chunk(hidden, targets), kept)
         split = lambda x: x.reshape(b, s // CE_CHUNK, CE_CHUNK, *x.shape[2:]).swapaxes(0, 1)
         ce, correct = jax.lax.map(jax.checkpoint(lambda xs: chunk(*xs)), (split(hidden), split(targets)))
         join = lambda x: x.swapaxes(0, 1).reshape(b, s)
-        return join(ce), join(correct)
+        return join(ce), join(correct), kept
 
     return readout
 
 
-def per_loop_losses(model: Ouro, batch: Batch, *, num_loops: int | None = None,
-                    detach_gate_input: bool = False):
-    """Per-token CE of every loop without holding T loops of logits.
+class LoopReadout(NamedTuple):
+    """What every loop's LM head and gate say about a batch (T loops run)."""
 
-    Returns (ce [T, B, S] float32, correct [T, B, S] bool, gate_logits [T, B, S] float32).
-    """
-    (ce, correct), gate_logits = model.loop(
-        batch["input_ids"], _token_ce_and_correct(model, batch["targets"]),
+    ce: jax.Array  # [T, B, S] float32 cross-entropy of each loop's logits against `targets`
+    correct: jax.Array  # [T, B, S] bool: the loop's argmax is the target
+    gate_logits: jax.Array  # [T, B, S] float32
+    hidden: jax.Array | None  # [T, B, S, D] each loop's normed state (`keep_hidden`), else None
+
+
+def per_loop_losses(model: Ouro, batch: Batch, *, num_loops: int | None = None,
+                    detach_gate_input: bool = False, keep_hidden: bool = False) -> LoopReadout:
+    """Per-token CE and correctness of every loop without holding T loops of logits: the one per-loop
+    readout of training (losses, evaluation during training) and `python -m ouro_jax.evaluate`."""
+    (ce, correct, hidden), gate_logits = model.loop(
+        batch["input_ids"], _token_ce_and_correct(model, batch["targets"], keep_hidden),
         positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
         num_loops=num_loops, remat_readout=True, detach_gate_input=detach_gate_input)
-    return ce, correct, gate_logits
+    return LoopReadout(ce, correct, gate_logits, hidden)
 
 
 def _mask(batch: Batch) -> jax.Array:
@@ -112,7 +121,7 @@ def stage1_loss(model: Ouro, batch: Batch, *, beta: float = 0.1, weighting: str 
     weighting="last_loop" is the baseline that trains only the last loop's CE (beta unused)."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting={weighting!r} must be one of {WEIGHTINGS}")
-    ce, correct, gate_logits = per_loop_losses(model, batch, num_loops=num_loops)
+    ce, correct, gate_logits, _ = per_loop_losses(model, batch, num_loops=num_loops)
     mask = _mask(batch)
     token_loss = stage1_token_loss(ce, gate_logits, beta) if weighting == "exit_pdf" else ce[-1]
     loss = _masked_mean(token_loss, mask)
@@ -144,8 +153,8 @@ def stage2_token_loss(ce: jax.Array, gate_logits: jax.Array, *, k: float = 50.0,
 def stage2_loss(model: Ouro, batch: Batch, *, k: float = 50.0, gamma: float = 0.005,
                 pairing: str = "printed", num_loops: int | None = None) -> tuple[jax.Array, Metrics]:
     """Stage II: (1/T) sum_{t=2..T} masked-mean BCE of the gate; gradients reach only the gate."""
-    ce, correct, gate_logits = per_loop_losses(model, batch, num_loops=num_loops,
-                                               detach_gate_input=True)
+    ce, correct, gate_logits, _ = per_loop_losses(model, batch, num_loops=num_loops,
+                                                  detach_gate_input=True)
     mask = _mask(batch)
     bce = stage2_token_loss(ce, gate_logits, k=k, gamma=gamma, pairing=pairing)
     loss = jnp.sum(_masked_mean(bce, mask)) / ce.shape[0]

@@ -37,6 +37,8 @@ from ouro_jax.model.config import RUNTIME_FIELDS, OuroConfig
 CONFIG = "config.json"
 CONFIG_CHANGES = "config_changes.jsonl"
 LOCK = "train.lock"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
 CHECKPOINTS = "checkpoints"
 ITEMS = ("params", "train", "data_iter")
 

@@ -167,6 +167,25 @@ def test_metrics_equal_a_float64_recomputation_and_compile_once(monkeypatch):
     assert "loop 4 (extrapolated)" in table[2 + 3] and table[2].startswith("| loop 1 | 1.00 |")
 
 
+def test_training_evaluation_and_the_evaluate_command_read_the_same_numbers(monkeypatch):
+    """One per-loop readout: training's eval step and `metrics.evaluate` give the same per-loop figures
+    on one batch, with the LM head in chunks of positions (3 chunks of 4 per row here)."""
+    from ouro_jax import objective
+    from ouro_jax.train.step import make_eval_step
+
+    monkeypatch.setattr(objective, "CE_CHUNK", 4)
+    model = small_model(seed=3)
+    batch = packed_batch(np.random.default_rng(5))
+    graphdef, params = nnx.split(model)
+    train_side = jax.device_get(jax.jit(make_eval_step(graphdef))(params, batch))
+    ours = metrics.evaluate(model, [batch], policies.Grid(q=(0.5,), hidden_abs=(), hidden_rel=()))
+    close = lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=1e-6, atol=1e-7)
+    for key in ("ce_per_loop", "accuracy_per_loop", "exit_pdf_per_loop", "answer_accuracy_per_loop",
+                "mean_exit_loop", "entropy", "weighted_ce"):
+        close(ours[key], train_side[key])
+    assert ours["num_tokens"] == train_side["num_tokens"] == 23
+
+
 def test_exit_rules_on_hand_made_signals():
     # gate logits [L=4, 1, 2]: token 0 lambda = 0.5 every loop (CDF 0.5, 0.75, 0.875); token 1 exits late.
     gate = jnp.asarray([[[0.0, -9.0]], [[0.0, -9.0]], [[0.0, 9.0]], [[0.0, 9.0]]], jnp.float32)

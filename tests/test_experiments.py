@@ -181,7 +181,7 @@ def test_measured_figures_match_a_direct_recomputation(killed_suite):
     run = killed_suite["runs"][1]  # 1x2, Ouro objective; model.loop's readout is another code path
     model = ouro_jax.from_pretrained(suite.run_dir(killed_suite["out"], run))
     batch = build_eval_batches(run.config.data, seed=0, num_batches=1)[0]
-    ce, correct, _ = ouro_jax.objective.per_loop_losses(model, {k: jnp.asarray(v) for k, v in batch.items()})
+    ce, correct, *_ = ouro_jax.objective.per_loop_losses(model, {k: jnp.asarray(v) for k, v in batch.items()})
     mask = batch["loss_mask"].astype(bool)
     result = killed_suite["results"][run.key]
     np.testing.assert_allclose(result["loss"], [np.asarray(ce[t])[mask].mean() for t in range(2)], rtol=1e-5)

@@ -217,7 +217,7 @@ def _is_run(directory: Path) -> bool:
     """A training run: a run config.json, a metrics.jsonl or a lock."""
     config = _config_json(directory)
     trained = config is not None and isinstance(config.get("model"), dict) and "imported_from" not in config
-    return trained or (directory / "metrics.jsonl").exists() or (directory / "train.lock").exists()
+    return trained or (directory / run.METRICS).exists() or (directory / run.LOCK).exists()
 
 
 def _earlier_output(directory: Path, kind: str) -> bool:

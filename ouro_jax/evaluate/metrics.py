@@ -2,7 +2,8 @@
 
 One jitted function per (batch shape, loop count) runs the model's loop once per batch, reading after
 every loop l (0-based; loop l + 1 for users) each token's cross-entropy and whether its argmax is the target,
-its normed state h_l and its gate logit. From these it sums, over the tokens with `loss_mask` (and the
+its normed state h_l and its gate logit: `objective.per_loop_losses`, the readout training's evaluation
+uses too (LM head in chunks of positions). From these it sums, over the tokens with `loss_mask` (and the
 answers with `answer_mask`):
 
   per loop      CE, correct tokens, correct answers, the exit pdf p(l);
@@ -11,7 +12,7 @@ answers with `answer_mask`):
                 tokens and answers, and depth (loops used) at each token's exit loop, and the histogram
                 of exit loops.
 
-Only one loop's logits [B, S, V] exist at a time. Batches must share one shape (the pipeline pads the
+Only one chunk of one loop's logits exists at a time. Batches must share one shape (the pipeline pads the
 last one with empty rows whose masks are 0), so a whole evaluation compiles once. `summarize` turns the
 summed statistics into means: `ce_per_loop`, `accuracy_per_loop`, `answer_accuracy_per_loop`,
 `exit_pdf_per_loop` (the names of the training evaluation), perplexities, and one record per rule.
@@ -26,34 +27,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from ouro_jax import objective
 from ouro_jax.evaluate import policies
 from ouro_jax.model import exits
 from ouro_jax.model.ouro import Ouro
 
 Batch = Mapping[str, Any]
 MODEL_KEYS = ("input_ids", "targets", "loss_mask", "answer_mask", "segment_ids", "positions")
-
-
-def per_loop_readouts(model: Ouro, batch: Batch, num_loops: int):
-    """Run `num_loops` loops on a batch of [B, S] arrays.
-
-    Returns (ce [L, B, S] float32, correct [L, B, S] bool, hidden [L, B, S, D], gate_logits [L, B, S]).
-    """
-    targets = batch["targets"]
-
-    def readout(hidden):
-        logits = model.logits(hidden)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        return ce, jnp.argmax(logits, axis=-1) == targets, hidden
-
-    (ce, correct, hidden), gate_logits = model.loop(
-        batch["input_ids"], readout, positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-        num_loops=num_loops)
-    return ce, correct, hidden, gate_logits
 
 
 def _sums_at(exit_loops: jax.Array, per_loop: jax.Array, weight: jax.Array) -> jax.Array:
@@ -71,7 +54,8 @@ def batch_sums(model: Ouro, batch: Batch, q: jax.Array, hidden_abs: jax.Array, h
     exit_pdf_per_loop [L]; expected_exit_loop, entropy, weighted_ce []; and for the P swept rules
     rule_ce, rule_correct, rule_depth, rule_answer_correct, rule_answer_depth [P], rule_histogram [P, L].
     """
-    ce, correct, hidden, gate_logits = per_loop_readouts(model, batch, num_loops)
+    ce, correct, gate_logits, hidden = objective.per_loop_losses(model, batch, num_loops=num_loops,
+                                                                 keep_hidden=True)
     correct = correct.astype(jnp.float32)
     mask = batch["loss_mask"].astype(jnp.float32)
     answers = batch["answer_mask"].astype(jnp.float32)

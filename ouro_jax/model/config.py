@@ -20,8 +20,8 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_qkv", "save_qkv
 # "splash": the TPU Pallas kernel for training and evaluation (no S x S scores; see layers.splash_attention)
 ATTENTION_IMPLS = ("xla", "cudnn", "auto", "splash")
 
-# config.json keys ouro_jax writes and reads; the rest of config.json (architectures, auto_map, …) is
-# written by the exporter and ignored on import.
+# OuroConfig fields that choose how ouro_jax runs a model, not what the model is: `to_hf_dict` leaves them
+# out of an exported config.json and `from_hf_dict` never reads them from one (they come as arguments).
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_impl", "scan_layers")
 
 
@@ -183,7 +183,7 @@ def tiny(**overrides: Any) -> OuroConfig:
 
 
 def cpu_benchmark(**overrides: Any) -> OuroConfig:
-    """The CPU benchmark shape of DESIGN.md: hidden 256, 4 layers, 4 MHA heads of 64, vocab 4096, T=4."""
+    """The CPU benchmark shape (the figures of docs/benchmarks.md): hidden 256, 4 layers, 4 MHA heads of 64, vocab 4096, T=4."""
     base = dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=4, head_dim=64, rope_theta=10_000.0,
                 max_position_embeddings=4096, total_ut_steps=4)

@@ -168,8 +168,8 @@ def _objective(c: ml_collections.ConfigDict, check_inputs: bool) -> dict[str, An
         _check(obj.beta >= 0, "objective.beta", f"must be >= 0, got {obj.beta}")
         _check(obj.weighting in WEIGHTINGS, "objective.weighting", f"must be one of {WEIGHTINGS}")
         return {"stage": 1, "beta": obj.beta, "weighting": obj.weighting}
-    _check(not check_inputs or bool(c.init_from), "init_from", "Stage II trains the exit gate of a trained model; set "
-           "--config.init_from=RUN_OR_CHECKPOINT")
+    _check(not check_inputs or bool(c.init_from), "init_from",
+           "Stage II trains the exit gate of a trained model; set --config.init_from=RUN_OR_CHECKPOINT")
     _check(obj.pairing in ("printed", "next"), "objective.pairing", "must be 'printed' or 'next'")
     _check(obj.k > 0, "objective.k", f"must be > 0, got {obj.k}")
     return {"stage": 2, "k": obj.k, "gamma": obj.gamma, "pairing": obj.pairing}

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
+from ouro_jax import run
+
 PER_LOOP_NAMES = {  # array metric [T] -> flat keys name_1..T
     "ce_per_loop": "loss_loop",
     "accuracy_per_loop": "accuracy_loop",
@@ -44,14 +46,14 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, *, resumed_step: int | None, is_primary: bool = True):
         self.enabled = is_primary
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = os.path.join(workdir, run.METRICS)
         if not self.enabled:
             return
         if resumed_step is not None:
             self._truncate_after(resumed_step)
         from tensorboardX import SummaryWriter
 
-        self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.tensorboard = SummaryWriter(os.path.join(workdir, run.TENSORBOARD))
         self.file = open(self.path, "a")  # closed in close()
 
     def _truncate_after(self, step: int) -> None:
@@ -147,7 +149,7 @@ class Progress:
 def summary(workdir: str) -> str:
     """The last logged figures of a run: the objective and its parts, then per loop the held-out answer
     accuracy (task data) or the held-out loss and perplexity (text)."""
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = os.path.join(workdir, run.METRICS)
     records = []
     if os.path.exists(path):
         with open(path) as f:

@@ -111,7 +111,7 @@ def make_eval_step(graphdef, num_loops: int | None = None, mesh=None):
 
     def eval_step(params, batch: Batch):
         model = nnx.merge(graphdef, params)
-        ce, correct, gate_logits = objective.per_loop_losses(model, batch, num_loops=num_loops)
+        ce, correct, gate_logits, _ = objective.per_loop_losses(model, batch, num_loops=num_loops)
         mask = batch["loss_mask"].astype(jnp.float32)
         metrics = objective.loop_metrics(ce, correct, gate_logits, mask)
         answers = batch.get("answer_mask")
