@@ -56,6 +56,7 @@ def test_train_step_flops_hand_count():
     assert gate.model == 16 * (812544 + 2 * 4 * 128)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["none", "full", "save_qkv_context"])
 def test_flops_match_xla_where_xla_can_count(policy):
     """With one layer and one loop every scan runs once, so XLA's cost analysis (which counts a scan
@@ -78,6 +79,7 @@ def test_flops_match_xla_where_xla_can_count(policy):
     assert train == pytest.approx(analytic_train, rel=0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("count", range(7))
 def test_largest_fitting_finds_the_boundary_in_few_compiles(count):
     for limit in range(-1, count):
@@ -99,6 +101,7 @@ def _aot(*args):
                           cwd=ROOT, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_compiles_the_train_step_for_a_small_slice(tmp_path):
     # the demo recipe widened so that every per-chip block is a whole number of TPU tiles (8 x 128):
     # XLA's byte counts then measure sharding, not the padding of tiny arrays
@@ -147,6 +150,7 @@ def test_multi_slice_mesh_spans_slices_with_the_data_axis():
         assert {d.slice_index for d in mesh.devices[i].flat} == {i}
 
 
+@pytest.mark.slow
 def test_generation_compiles_for_a_small_slice():
     from ouro_jax.train import recipes
 

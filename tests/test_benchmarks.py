@@ -20,6 +20,7 @@ def _benchmarks(*args) -> subprocess.CompletedProcess:
                           text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
+@pytest.mark.slow
 def test_smoke_run_prints_tables_and_merges_json(tmp_path):
     figures = tmp_path / "bench.json"
     figures.write_text(json.dumps({"earlier.bench": {"figures": {"x": 1}}}))
@@ -55,6 +56,7 @@ def test_decode_split_without_a_decode_step_is_one_line():
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: decode.split: --new_tokens=1")
 
 
+@pytest.mark.slow
 def test_exit_benchmark_scores_answers_with_the_runs_own_task():
     """decode.exit's accuracy reads the task's targets, so a mixed-hop run (hop token first) is scored on
     its own examples: the targets themselves score 100 %, a wrong last answer 0 % at the last position."""
@@ -170,6 +172,7 @@ def test_decode_split_sums_the_profiled_operations_of_one_module(tmp_path):
     assert operations == {"weight matmuls": 2, "attention": 1, "other": 2}
 
 
+@pytest.mark.slow
 def test_decode_split_smoke_run_reports_shares_and_bytes(tmp_path):
     """A profiled decode at the cpu_benchmark shape: the three shares sum to 1, matmuls and attention
     both appear, and the bytes per step are the hand-counted ones (float32): 16 (loop, layer)

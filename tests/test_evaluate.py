@@ -228,6 +228,7 @@ def cli(*args, cwd=REPO):
                           cwd=cwd, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_on_a_run_writes_table_metrics_and_plots(tmp_path):
     run_dir = make_run(tmp_path / "run")
     out = tmp_path / "eval"

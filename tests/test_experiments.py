@@ -166,6 +166,7 @@ def killed_suite(tmp_path_factory):
     return {"out": out, "runs": runs, "results": results, "lines": lines, **events}
 
 
+@pytest.mark.slow
 def test_killed_suite_reruns_only_missing_runs(killed_suite):
     first, second = (r.key for r in killed_suite["runs"])
     assert killed_suite["first"] == ([first, second], [True, False])
@@ -177,6 +178,7 @@ def test_killed_suite_reruns_only_missing_runs(killed_suite):
     assert killed_suite["fourth"] == [] and killed_suite["again"] == killed_suite["results"]
 
 
+@pytest.mark.slow
 def test_measured_figures_match_a_direct_recomputation(killed_suite):
     run = killed_suite["runs"][1]  # 1x2, Ouro objective; model.loop's readout is another code path
     model = ouro_jax.from_pretrained(suite.run_dir(killed_suite["out"], run))
@@ -199,6 +201,7 @@ def cli(*args, cwd):
                           text=True, cwd=cwd, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_smoke_run_writes_results(killed_suite, tmp_path):
     """The command over the suite above adds the last-loop-only run and reports all three."""
     out = killed_suite["out"]
@@ -237,6 +240,7 @@ def test_cli_refuses_study_flags_with_the_whole_suite(tmp_path):
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_workers_train_a_stage2_run_only_after_its_stage1_run(tmp_path):
     """Two workers, three runs: the two Stage II runs wait for their Stage I parent, then run side by side."""
     gate = ["--study=gate", "--models=1x2", "--gate_steps=2", "--task_settings=p=2,p_min=1"]
@@ -284,6 +288,7 @@ def _interrupt_when_both_train(args, tmp_path) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_parallel_workers_with_their_runs_saved_and_a_rerun_resumes_them(tmp_path):
     """SIGTERM to the command while two workers train: each worker saves its run and stops, the command
     exits with status 75 and one line; the rerun resumes both runs from their saved steps."""
@@ -309,6 +314,7 @@ SMOKE_SUITE = ["--task=phop", "--task_settings=p=2", "--seq_len=16", "--models=1
                "--set=data.batch_size=64,checkpoint_every_steps=0,eval_every_steps=0"]
 
 
+@pytest.mark.slow
 def test_smoke_suite_looped_block_beats_the_one_layer_model(tmp_path):
     """2-hop induction, the demo's width: the block looped 3 times answers far better than the same block
     run once (measured 79-80 % vs 50-52 % on seeds 0 and 1, about 50 s of training on one core)."""

@@ -423,6 +423,7 @@ def run_cli(module, *flags):
                           env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_round_trip(run_dir, model32, tmp_path):
     exported, imported = tmp_path / "hf", tmp_path / "imported"
     done = run_cli("ouro_jax.convert", "--to=hf", f"--source={run_dir}", f"--output_dir={exported}",

@@ -50,6 +50,7 @@ def test_scripts_are_well_formed(script):
     assert result.returncode == 0, result.stdout
 
 
+@pytest.mark.slow
 def test_local_multiprocess():
     commands = dry_run("local_multiprocess.sh", "--num_processes=3", "--devices_per_process=2", "--port=4567",
                        "configs/demo.py", "runs/x", ODD)

@@ -145,6 +145,7 @@ def write_tasks(directory, stop: str) -> list[str]:
     return list(bodies)
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_agrees_with_the_hf_backend_on_local_tasks(hf_dir, tmp_path):
     # A stop string the model really produces: two tokens from the middle of its first greedy continuation.

@@ -30,6 +30,8 @@ from ouro_jax import tokenizer as tokenizer_lib
 from ouro_jax.data import build_eval_batches, build_train_dataset
 from ouro_jax.data.pipeline import heldout_split
 
+pytestmark = pytest.mark.slow  # two-process runs and their launch settings
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 8
 STEPS = 16

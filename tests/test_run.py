@@ -38,6 +38,7 @@ def trained(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_a_trained_run_is_located_loaded_exported_and_resumed(trained, tmp_path):
     location = run.locate(trained)
     assert (location.kind, location.root, location.step) == ("run", trained, 4)
@@ -71,6 +72,7 @@ def test_a_trained_run_is_located_loaded_exported_and_resumed(trained, tmp_path)
     assert change["step"] == 4 and change["changes"] == {"total_steps": [4, 6]}
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_model_and_a_file(trained, tmp_path):
     with pytest.raises(run.RunError, match=r"another model \(model.hidden_size: 32 -> 64\)"):
         run.check_resume(trained, tiny_config(**{"model.hidden_size": 64}), allow_change=True)

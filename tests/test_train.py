@@ -66,6 +66,7 @@ def _demo_run(tmp_root):
     return workdir
 
 
+@pytest.mark.slow
 def test_loss_decreases_and_metrics_are_complete(tmp_path_factory):
     workdir = _demo_run(str(tmp_path_factory.getbasetemp()))
     recs = records(workdir)
@@ -99,6 +100,7 @@ def test_loss_decreases_and_metrics_are_complete(tmp_path_factory):
     assert {"eval/per_loop", "eval/exit_histogram", "eval_answer_accuracy_loop_2"} <= tags  # plots too
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_metrics_and_rerun_is_a_no_op(tmp_path_factory, tmp_path):
     reference = records(_demo_run(str(tmp_path_factory.getbasetemp())))
     workdir = str(tmp_path / "again")
@@ -126,6 +128,7 @@ def _run_until(args, workdir, lines, sig):
     return proc.returncode, count()
 
 
+@pytest.mark.slow
 def test_sigkill_and_restart_gives_bit_identical_metrics(tmp_path):
     # A run far longer than the test: killed past step 10, resumed, stopped (SIGTERM) a few steps past the
     # kill; an uninterrupted run of the same config stopped later agrees on every common record. Each wait
@@ -142,6 +145,7 @@ def test_sigkill_and_restart_gives_bit_identical_metrics(tmp_path):
     assert records(uninterrupted)[:len(resumed)] == resumed
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_stops_then_resumes(tmp_path):
     workdir = str(tmp_path / "term")
     steps = {"total_steps": 400, "checkpoint_every_steps": 1000, "eval_every_steps": 0}
@@ -160,6 +164,7 @@ def test_sigterm_saves_and_stops_then_resumes(tmp_path):
 
 
 # --- configuration and failures --------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_overrides_and_rejections(tmp_path):
     unknown = run_cli(cli(str(tmp_path / "u"), **{"optimizer.nonexistent": 1}))
     assert unknown.returncode != 0 and "nonexistent" in unknown.stderr
@@ -180,6 +185,7 @@ def test_cli_overrides_and_rejections(tmp_path):
         assert not os.path.exists(os.path.join(workdir, "checkpoints")), overrides
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_one_line_and_keeps_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path / "nan")
     result = run_cli(cli(workdir, **{"optimizer.learning_rate": 1e12, "optimizer.warmup_steps": 0,
@@ -316,6 +322,7 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
         jax.sharding.NamedSharding(mesh_b, jax.sharding.PartitionSpec(None, None, "tensor")), 3)
 
 
+@pytest.mark.slow
 def test_init_from_with_upcycling(tmp_path_factory, tmp_path):
     source = _demo_run(str(tmp_path_factory.getbasetemp()))
     config = small_config(total_steps=1, eval_every_steps=0, init_from=source,

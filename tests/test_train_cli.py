@@ -68,6 +68,7 @@ def trained(tmp_path_factory):
     ({"model.hidden_size": 64}, "another model (model.hidden_size: 32 -> 64)"),
     ({"optimizer.learning_rate": 0.5}, "another config (optimizer.learning_rate: 0.002 -> 0.5)"),
 ])
+@pytest.mark.slow
 def test_mistakes_against_an_existing_run_touch_nothing(trained, extra, needle):
     before = snapshot(trained)
     assert_refused(run_cli(train_args(trained, **extra)), needle)
@@ -106,6 +107,7 @@ def test_a_url_workdir_is_refused_and_nothing_is_created(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no local "gs:" directory
 
 
+@pytest.mark.slow
 def test_a_second_training_is_refused_and_a_stale_lock_taken_over(tmp_path):
     workdir = tmp_path / "busy"
     first = subprocess.Popen(train_args(workdir, total_steps=100000, checkpoint_every_steps=0), cwd=REPO,
@@ -131,6 +133,7 @@ def test_a_second_training_is_refused_and_a_stale_lock_taken_over(tmp_path):
     assert not (stale / run.LOCK).exists() and run.latest_step(stale) == 2
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_the_rerun_continues_exactly(tmp_path):
     steps = {"total_steps": 200, "checkpoint_every_steps": 0, "eval_every_steps": 100}
     reference = tmp_path / "reference"
@@ -161,6 +164,7 @@ def test_ctrl_c_saves_and_the_rerun_continues_exactly(tmp_path):
     assert records(workdir) == records(reference)
 
 
+@pytest.mark.slow
 def test_export_never_destroys_a_run(trained, tmp_path):
     before = snapshot(trained)
     convert = [sys.executable, "-m", "ouro_jax.convert", "--to=hf", f"--source={trained}", "--tokenizer=none"]
@@ -180,6 +184,7 @@ def test_export_never_destroys_a_run(trained, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_export_of_a_run_without_checkpoint_is_one_quiet_line(tmp_path):
     empty = tmp_path / "empty_run"
     empty.mkdir()
@@ -190,6 +195,7 @@ def test_export_of_a_run_without_checkpoint_is_one_quiet_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_readme_snippet_runs_from_the_clones_parent_folder(tmp_path):
     (tmp_path / "ouro_jax").mkdir()  # a folder named like the package, e.g. the clone itself
     snippet = (REPO / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
