@@ -20,6 +20,41 @@ def _benchmarks(*args) -> subprocess.CompletedProcess:
                           text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
+# Every benchmark of the registry at a tiny size (`--shape=tiny`, one repeat), so that a crash or a renamed
+# flag fails here rather than in the next measurement. A new benchmark needs an entry.
+SMOKE = {
+    "train.compile": ["--batch=2", "--seq_len=8"],
+    "train.memory": ["--batch=2", "--seq_len=8"],
+    "train.fwd_bwd": ["--batch=2", "--seq_len=8", "--remat_policy=full"],
+    "train.step": ["--batch=2", "--seq_len=8", "--scan_layers=false"],
+    "decode.speed": ["--batches=1,2", "--prompt_len=4", "--new_tokens=3"],
+    "decode.cache": ["--prompt_len=4", "--new_tokens=3"],
+    "decode.exit": ["--train_steps=4", "--examples=4", "--exit_batches=2", "--thresholds=0.5",
+                    "--deltas=0.8"],
+    "decode.rows": ["--row_batches=2", "--gate_scales=10", "--row_thresholds=0.5", "--prompt_len=4",
+                    "--new_tokens=3"],
+    "decode.split": ["--batches=2", "--prompt_len=4", "--new_tokens=3"],
+    "convert.roundtrip": ["--preset=tiny", "--dtype=float32"],
+}
+
+
+def test_every_benchmark_has_a_smoke_run():
+    from ouro_jax.benchmarks.__main__ import BENCHMARKS
+
+    assert sorted(SMOKE) == sorted(BENCHMARKS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SMOKE))
+def test_benchmark_smoke_run(name, tmp_path):
+    figures = tmp_path / "bench.json"
+    done = _benchmarks(f"--bench={name}", "--shape=tiny", "--repeats=1", f"--json={figures}", *SMOKE[name])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"## {name}" in done.stdout and "|---|" in done.stdout
+    entry = json.loads(figures.read_text())[name]
+    assert entry["figures"] and entry["environment"]["platform"] == "cpu"
+
+
 @pytest.mark.slow
 def test_smoke_run_prints_tables_and_merges_json(tmp_path):
     figures = tmp_path / "bench.json"

@@ -22,6 +22,7 @@ import sys
 from absl import flags
 
 from ouro_jax import cli
+from ouro_jax.benchmarks.common import SHAPES
 
 BENCHMARKS = ("train.compile", "train.memory", "train.fwd_bwd", "train.step", "decode.speed", "decode.cache",
               "decode.exit", "decode.rows", "decode.split", "convert.roundtrip")
@@ -29,6 +30,8 @@ BENCHMARKS = ("train.compile", "train.memory", "train.fwd_bwd", "train.step", "d
 _BENCH = flags.DEFINE_list("bench", None, "Benchmarks or groups to run: " + ", ".join(BENCHMARKS) + ".")
 _JSON = flags.DEFINE_string("json", None, "Add the figures to this JSON file.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (train.*: median; decode.*: minimum).")
+_SHAPE = flags.DEFINE_enum("shape", "cpu_benchmark", list(SHAPES),
+                           "train.*, decode.*: the model (cpu_benchmark: the figures'; tiny: smoke runs).")
 # train.*
 _BATCH = flags.DEFINE_integer("batch", 8, "train.*: batch rows.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "train.*: tokens per row.")
@@ -87,10 +90,10 @@ def _run(name: str):
     """The `Result` of benchmark `name` with the flags' settings."""
     from ouro_jax.benchmarks import convert, decode, decode_split, train
 
-    sizes = dict(batch=_BATCH.value, seq_len=_SEQ_LEN.value, beta=_BETA.value)
+    sizes = dict(batch=_BATCH.value, seq_len=_SEQ_LEN.value, beta=_BETA.value, shape=_SHAPE.value)
     layout = dict(remat_policy=_REMAT_POLICY.value, scan_layers=_SCAN_LAYERS.value)
     repeats = _REPEATS.value
-    tokens = dict(prompt_len=_PROMPT_LEN.value, new_tokens=_NEW_TOKENS.value)
+    tokens = dict(prompt_len=_PROMPT_LEN.value, new_tokens=_NEW_TOKENS.value, shape=_SHAPE.value)
     return {
         "train.compile": lambda: train.compile_time(repeats=repeats, **sizes),
         "train.memory": lambda: train.memory(**sizes),
@@ -100,7 +103,8 @@ def _run(name: str):
         "decode.cache": lambda: decode.cache(repeats=repeats, **tokens),
         "decode.exit": lambda: decode.exit_policies(
             repeats=repeats, run_dir=_RUN_DIR.value, train_steps=_TRAIN_STEPS.value, examples=_EXAMPLES.value,
-            batches=_numbers(_EXIT_BATCHES), thresholds=_numbers(_THRESHOLDS), deltas=_numbers(_DELTAS)),
+            batches=_numbers(_EXIT_BATCHES), thresholds=_numbers(_THRESHOLDS), deltas=_numbers(_DELTAS),
+            shape=_SHAPE.value),
         "decode.rows": lambda: decode.rows(repeats=repeats, batches=_numbers(_ROW_BATCHES),
                                            gate_scales=_numbers(_GATE_SCALES),
                                            thresholds=_numbers(_ROW_THRESHOLDS), **tokens),

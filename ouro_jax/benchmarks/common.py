@@ -22,6 +22,19 @@ class Result:
     figures: dict[str, Any]
 
 
+SHAPES = ("cpu_benchmark", "tiny")  # `--shape`: the figures' model, and a tiny one for smoke runs
+
+
+def model_config(shape: str, **overrides: Any):
+    """The benchmarks' OuroConfig: `shape` "cpu_benchmark" (`model.config.cpu_benchmark`, every figure of
+    docs/benchmarks.md) or "tiny" (`model.config.tiny`: the same code in seconds, for smoke runs)."""
+    from ouro_jax.model.config import PRESETS
+
+    if shape not in SHAPES:
+        raise ValueError(f"shape={shape!r} must be one of {SHAPES}")
+    return PRESETS[shape](**overrides)
+
+
 def wall(fn: Callable[[], object]) -> float:
     """Wall seconds of `fn()` (which must block until its result is ready)."""
     start = time.perf_counter()

@@ -47,16 +47,15 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from ouro_jax.benchmarks.common import Result, table, wall
+from ouro_jax.benchmarks.common import Result, model_config, table, wall
 from ouro_jax.data.tasks import PHop
 from ouro_jax.inference.decode import SKIPPED_KV, cache_phases, generate
-from ouro_jax.model import config as configs
 from ouro_jax.model.ouro import Ouro
 
 
-def benchmark_model() -> Ouro:
-    """The cpu_benchmark-shaped model (`model.config.cpu_benchmark`) with random weights, seed 0."""
-    return Ouro(configs.cpu_benchmark(), rngs=nnx.Rngs(0))
+def benchmark_model(shape: str = "cpu_benchmark") -> Ouro:
+    """The benchmarks' model (`common.model_config(shape)`) with random weights, seed 0."""
+    return Ouro(model_config(shape), rngs=nnx.Rngs(0))
 
 
 def _timed(calls: list[Callable[[], Any]], repeats: int, order: np.random.Generator) -> tuple[list, list]:
@@ -71,13 +70,14 @@ def _timed(calls: list[Callable[[], Any]], repeats: int, order: np.random.Genera
 
 
 # --- speed -------------------------------------------------------------------------------------
-def speed(*, repeats: int, batches: list[int], prompt_len: int = 64, new_tokens: int = 128) -> Result:
+def speed(*, repeats: int, batches: list[int], prompt_len: int = 64, new_tokens: int = 128,
+          shape: str = "cpu_benchmark") -> Result:
     """Decode tokens/s of ouro_jax vs HF `generate` per batch size (module docstring)."""
     import torch
 
     from ouro_jax.convert.hf import to_torch
 
-    model = benchmark_model()
+    model = benchmark_model(shape)
     torch_model = to_torch(model)
     m = new_tokens
     rows, figures = [], []
@@ -121,9 +121,10 @@ def speed(*, repeats: int, batches: list[int], prompt_len: int = 64, new_tokens:
 
 
 # --- cache -------------------------------------------------------------------------------------
-def cache(*, repeats: int, prompt_len: int = 64, new_tokens: int = 128) -> Result:
+def cache(*, repeats: int, prompt_len: int = 64, new_tokens: int = 128,
+          shape: str = "cpu_benchmark") -> Result:
     """KV cache bytes and decode tokens/s per kv_sharing mode, batch 8."""
-    model = benchmark_model()
+    model = benchmark_model(shape)
     ids = np.random.default_rng(0).integers(3, model.config.vocab_size, (8, prompt_len))
     rows, figures, none = [], [], None
     for sharing in ("none", "last", "average"):
@@ -219,7 +220,7 @@ def _exit_table(model, examples, prompt_len, settings, batch, repeats) -> list[d
 
 def exit_policies(*, repeats: int, run_dir: str | None, train_steps: int = 1500, examples: int = 256,
                   batches: list[int], thresholds: list[float], deltas: list[float],
-                  skipped_kv: tuple[str, ...] = SKIPPED_KV) -> Result:
+                  skipped_kv: tuple[str, ...] = SKIPPED_KV, shape: str = "cpu_benchmark") -> Result:
     """Answer accuracy vs decode time of Q-exit (with each `skipped_kv` policy) and hidden-delta exit on
     a trained p-hop model, and the skipping mechanism at the cpu_benchmark shape (module docstring)."""
     from ouro_jax import run
@@ -261,16 +262,16 @@ def exit_policies(*, repeats: int, run_dir: str | None, train_steps: int = 1500,
                      for r in rows])
             + f"\n\nFastest Q-exit within 1 point of full-depth answer accuracy: {verdict}")
         figures["batches"].append({"batch": batch, "policies": rows, "best_q_exit": best and best["name"]})
-    mechanism_text, mechanism = _exit_mechanism(repeats, skipped_kv)
+    mechanism_text, mechanism = _exit_mechanism(repeats, skipped_kv, shape)
     figures["mechanism"] = mechanism
     return Result("\n\n".join([*sections, mechanism_text]), figures)
 
 
-def _exit_mechanism(repeats: int, skipped_kv: tuple[str, ...]) -> tuple[str, list[dict]]:
+def _exit_mechanism(repeats: int, skipped_kv: tuple[str, ...], shape: str) -> tuple[str, list[dict]]:
     """Skipping at a realistic loop cost: the cpu_benchmark shape (random weights, gate kernel x10 so
     that tokens exit at various loops), batch 1, prompt 64, 64 new tokens, per `skipped_kv` policy;
     tokens are not meaningful, only time against loops run and the agreement with "compute" are."""
-    model = benchmark_model()
+    model = benchmark_model(shape)
     model.early_exit_gate.kernel[...] = model.early_exit_gate.kernel[...] * 10
     prompts = np.random.default_rng(0).integers(3, model.config.vocab_size, (4, 64))
     settings = [("full depth", {})] + [(f"Q-exit q={q} {kv}", {"exit_threshold": q, "skipped_kv": kv})
@@ -305,9 +306,9 @@ def _exit_mechanism(repeats: int, skipped_kv: tuple[str, ...]) -> tuple[str, lis
 
 # --- rows --------------------------------------------------------------------------------------
 def rows(*, repeats: int, batches: list[int], gate_scales: list[float], thresholds: list[float],
-         prompt_len: int = 64, new_tokens: int = 64) -> Result:
+         prompt_len: int = 64, new_tokens: int = 64, shape: str = "cpu_benchmark") -> Result:
     """Decode time vs executed row-loops with and without `compact_rows` (module docstring)."""
-    model = benchmark_model()
+    model = benchmark_model(shape)
     gate = model.early_exit_gate.kernel[...]
     t_max = model.config.total_ut_steps
     lines, figures = [], []

@@ -164,14 +164,15 @@ def _row(batch, step_s, profiled_s, seconds, operations, weight_bytes, kv_bytes,
             "kv_gb_per_s": kv_bytes / in_step["attention"] / 1e9}
 
 
-def split(*, repeats: int, batches: list[int], prompt_len: int = 64, new_tokens: int = 128) -> Result:
+def split(*, repeats: int, batches: list[int], prompt_len: int = 64, new_tokens: int = 128,
+          shape: str = "cpu_benchmark") -> Result:
     """Per batch size: each category's share of a profiled decode step, its time and what it reads
     (module docstring)."""
     from ouro_jax.benchmarks.decode import benchmark_model
 
     if new_tokens < 2:
         raise cli.UserError(f"decode.split: --new_tokens={new_tokens} leaves no decode step; need >= 2")
-    model = benchmark_model()
+    model = benchmark_model(shape)
     cfg = model.config
     bandwidth = read_bandwidth()
     rows, figures = [], []

@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 
 from ouro_jax import objective
-from ouro_jax.benchmarks.common import Result, median_seconds, table
+from ouro_jax.benchmarks.common import Result, median_seconds, model_config, table
 from ouro_jax.model import config as configs
 from ouro_jax.model.ouro import Ouro
 
@@ -50,12 +50,13 @@ def _abstract_grad_fn(config: configs.OuroConfig, batch: int, seq_len: int, beta
     return jax.jit(jax.value_and_grad(loss)), (params, {"input_ids": spec, "targets": spec})
 
 
-def compile_time(*, repeats: int, batch: int = 8, seq_len: int = 256, beta: float = 0.1) -> Result:
+def compile_time(*, repeats: int, batch: int = 8, seq_len: int = 256, beta: float = 0.1,
+                 shape: str = "cpu_benchmark") -> Result:
     """Median compile seconds of the Stage I gradient (a fresh function each time) for N layers x T
     loops in {2, 24} x {1, 4}; goal: (N=24, T=4) / (N=2, T=1) <= 1.5x (layers and loops are scanned)."""
 
     def seconds(layers: int, loops: int) -> float:
-        config = configs.cpu_benchmark(num_hidden_layers=layers, total_ut_steps=loops)
+        config = model_config(shape, num_hidden_layers=layers, total_ut_steps=loops)
         fn, args = _abstract_grad_fn(config, batch, seq_len, beta)
         start = time.perf_counter()
         fn.lower(*args).compile()
@@ -73,13 +74,13 @@ def compile_time(*, repeats: int, batch: int = 8, seq_len: int = 256, beta: floa
                          "repeats": repeats})
 
 
-def memory(*, batch: int = 8, seq_len: int = 256, beta: float = 0.1) -> Result:
+def memory(*, batch: int = 8, seq_len: int = 256, beta: float = 0.1, shape: str = "cpu_benchmark") -> Result:
     """Compiled temporary bytes of the Stage I gradient (remat full) for T = 1, 2, 4, 8, in-loop CE vs
     materialised logits, next to the size of one loop's float32 logits [B, S, V]."""
     rows, figures = [], []
     one_loop = None
     for loops in (1, 2, 4, 8):
-        config = configs.cpu_benchmark(total_ut_steps=loops, remat_policy="full")
+        config = model_config(shape, total_ut_steps=loops, remat_policy="full")
         one_loop = batch * seq_len * config.vocab_size * 4
         temps = []
         for materialise in (False, True):
@@ -114,9 +115,9 @@ def _torch_stage1_loss(model, input_ids, targets, beta: float):
     return token_loss.mean()
 
 
-def _model_and_batch(batch: int, seq_len: int, remat_policy: str, scan_layers: bool):
-    """(Ouro at the cpu_benchmark shape, token ids [batch, seq_len + 1] int64)."""
-    config = configs.cpu_benchmark(remat_policy=remat_policy, scan_layers=scan_layers)
+def _model_and_batch(batch: int, seq_len: int, remat_policy: str, scan_layers: bool, shape: str):
+    """(Ouro at `shape` (`common.model_config`), token ids [batch, seq_len + 1] int64)."""
+    config = model_config(shape, remat_policy=remat_policy, scan_layers=scan_layers)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (batch, seq_len + 1))
     return Ouro(config, rngs=nnx.Rngs(0)), ids
 
@@ -129,13 +130,13 @@ def _torch_row(name: str, seconds: float, tokens: int, loss: float) -> list:
 
 
 def fwd_bwd(*, repeats: int, batch: int = 8, seq_len: int = 256, remat_policy: str = "none",
-            scan_layers: bool = True, beta: float = 0.1) -> Result:
+            scan_layers: bool = True, beta: float = 0.1, shape: str = "cpu_benchmark") -> Result:
     """Stage I forward + backward tokens/s: ouro_jax (jit) vs PyTorch eager, same weights."""
     import torch
 
     from ouro_jax.convert.hf import to_torch
 
-    model, ids = _model_and_batch(batch, seq_len, remat_policy, scan_layers)
+    model, ids = _model_and_batch(batch, seq_len, remat_policy, scan_layers, shape)
     graphdef, params = nnx.split(model)
     jbatch = {"input_ids": jnp.asarray(ids[:, :-1]), "targets": jnp.asarray(ids[:, 1:])}
     grad_fn = jax.jit(jax.value_and_grad(
@@ -167,7 +168,7 @@ def fwd_bwd(*, repeats: int, batch: int = 8, seq_len: int = 256, remat_policy: s
 
 
 def step(*, repeats: int, batch: int = 8, seq_len: int = 256, remat_policy: str = "none",
-         scan_layers: bool = True, beta: float = 0.1) -> Result:
+         scan_layers: bool = True, beta: float = 0.1, shape: str = "cpu_benchmark") -> Result:
     """One optimiser step (Stage I, clip 1.0, AdamW 0.9/0.95, wd 0.1): ouro_jax vs PyTorch eager."""
     import torch
 
@@ -175,7 +176,7 @@ def step(*, repeats: int, batch: int = 8, seq_len: int = 256, remat_policy: str 
     from ouro_jax.train import optimizer as optim
     from ouro_jax.train.step import TrainState, make_train_step
 
-    model, ids = _model_and_batch(batch, seq_len, remat_policy, scan_layers)
+    model, ids = _model_and_batch(batch, seq_len, remat_policy, scan_layers, shape)
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     opt = dict(learning_rate=3e-4, warmup_steps=0, decay_steps=0, min_lr_ratio=1.0, schedule="constant",

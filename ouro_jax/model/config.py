@@ -183,7 +183,8 @@ def tiny(**overrides: Any) -> OuroConfig:
 
 
 def cpu_benchmark(**overrides: Any) -> OuroConfig:
-    """The CPU benchmark shape (the figures of docs/benchmarks.md): hidden 256, 4 layers, 4 MHA heads of 64, vocab 4096, T=4."""
+    """The CPU benchmark shape (docs/benchmarks.md): hidden 256, 4 layers, 4 MHA heads of 64, vocab 4096,
+    T=4."""
     base = dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=4, head_dim=64, rope_theta=10_000.0,
                 max_position_embeddings=4096, total_ut_steps=4)

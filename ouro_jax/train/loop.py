@@ -187,9 +187,9 @@ def _steps(config, program, state, data_iter, eval_batches, checkpointer, writer
             state, step_metrics = program.train_step(state, batch)
             step += 1
             headline = metrics_lib.headline(step_metrics)  # a host sync: a NaN is caught before it is saved
-            if not math.isfinite(headline["objective"]):
+            if not math.isfinite(headline["loss"]):
                 raise TrainingDiverged(
-                    f"loss is {headline['objective']} at step {step}; stopped, last good checkpoint: "
+                    f"loss is {headline['loss']} at step {step}; stopped, last good checkpoint: "
                     f"{checkpointer.latest_step()} in {checkpointer.directory}")
             progress.update(step, headline)
             logged = {}

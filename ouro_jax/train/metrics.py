@@ -96,21 +96,21 @@ class MetricsWriter:
 
 
 def headline(step_metrics: Mapping) -> dict[str, float]:
-    """The figures of every progress line, fetched in one host transfer: the objective (Stage I:
-    exit-pdf-weighted CE - beta * entropy, which goes below zero as the entropy term grows), the
-    exit-pdf-weighted CE and the exit entropy."""
-    objective, weighted_ce, entropy = jax.device_get(
+    """The figures of every progress line, fetched in one host transfer, named as in metrics.jsonl: the
+    `loss` (the training objective; Stage I: exit-pdf-weighted CE - beta * entropy, which goes below zero
+    as the entropy term grows), the exit-pdf-weighted CE and the exit entropy."""
+    loss, weighted_ce, entropy = jax.device_get(
         (step_metrics["loss"], step_metrics["weighted_ce"], step_metrics["entropy"]))
-    return {"objective": float(objective), "weighted_ce": float(weighted_ce), "entropy": float(entropy)}
+    return {"loss": float(loss), "weighted_ce": float(weighted_ce), "entropy": float(entropy)}
 
 
 def _figures(headline: Mapping[str, float]) -> str:
-    return (f"objective {headline['objective']:.4f} (exit-weighted CE {headline['weighted_ce']:.4f}, "
+    return (f"loss {headline['loss']:.4f} (exit-weighted CE {headline['weighted_ce']:.4f}, "
             f"exit entropy {headline['entropy']:.3f})")
 
 
 class Progress:
-    """`step 120/1500 [###-------] 8%  objective ... (exit-weighted CE ..., exit entropy ...)  12.3 steps/s
+    """`step 120/1500 [###-------] 8%  loss ... (exit-weighted CE ..., exit entropy ...)  12.3 steps/s
     ETA 1m52s` on stderr: redrawn in place on a terminal, otherwise a line every `interval_s` seconds
     (and at the last step). Silent unless `enabled` (process 0 of a multi-process run)."""
 
@@ -147,7 +147,7 @@ class Progress:
 
 
 def summary(workdir: str) -> str:
-    """The last logged figures of a run: the objective and its parts, then per loop the held-out answer
+    """The last logged figures of a run: the loss and its parts, then per loop the held-out answer
     accuracy (task data) or the held-out loss and perplexity (text)."""
     path = os.path.join(workdir, run.METRICS)
     records = []
@@ -158,7 +158,7 @@ def summary(workdir: str) -> str:
         return "no step was logged yet"
     last = records[-1]
     evals = [r for r in records if "eval_loss_loop_1" in r]
-    figures = {"objective": last["loss"], "weighted_ce": last["weighted_ce"], "entropy": last["entropy"]}
+    figures = {"loss": last["loss"], "weighted_ce": last["weighted_ce"], "entropy": last["entropy"]}
     parts = [f"step {last['step']}: {_figures(figures)}"]
     if evals:
         parts.append(held_out(evals[-1]))
