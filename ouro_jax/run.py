@@ -111,6 +111,22 @@ def locate(path: str | os.PathLike) -> Location:
     return Location("run", root, None if step is None else checkpoint_dir(root) / str(step), step)
 
 
+def tokenizer_of(path: str | os.PathLike) -> str | None:
+    """The tokenizer (a `tokenizer.load` name or path) the model at `path` reads text with: the
+    tokenizer.json of its directory (a Hugging Face export, or a run that holds one), else the one its
+    training config names (`data.tokenizer`), else the bundled "ouro" (an imported checkpoint). None for
+    a run trained on a synthetic task, which has no text tokenizer."""
+    from ouro_jax.data.tasks import TASKS
+
+    location = locate(path)
+    if (location.root / "tokenizer.json").is_file():
+        return str(location.root)
+    data = read_config(location.root).get("data") if location.kind != "hf" else None
+    if data is None:
+        return "ouro"
+    return None if data.get("source") in TASKS else data.get("tokenizer", "ouro")
+
+
 def read_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     """The config a run was made with (RUN/config.json; `path` may be the run or one of its steps)."""
     location = locate(path)

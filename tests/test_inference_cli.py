@@ -113,3 +113,32 @@ def test_refuses_a_tokenizer_larger_than_the_vocabulary_and_ids_outside_it(check
     assert "more than the model's vocab_size 4" in err and "--prompt_ids" in err
     err = _one_line_error(_cli(f"--model={root / 'symbols'}", "--prompt_ids=1,4"))
     assert "vocab_size=4" in err
+
+
+def test_a_byte_tokenizer_run_is_prompted_by_text_with_its_own_tokenizer(tmp_path):
+    """A run of `configs/text.py:cpu` (byte tokenizer, vocab 320) answers a text prompt: the command reads
+    the run's own tokenizer instead of Ouro's 49152 tokens."""
+    from ouro_jax.train import recipes
+
+    config = recipes.text("cpu")
+    model = Ouro(tiny(**config.model.to_dict()), rngs=nnx.Rngs(0))
+    run.save_params(tmp_path / "run", nnx.to_pure_dict(nnx.state(model, nnx.Param)), step=0)
+    run.write_config(tmp_path / "run", config)
+    assert run.tokenizer_of(tmp_path / "run") == "bytes"
+    done = _cli(f"--model={tmp_path / 'run'}", "--prompt=In the beginning", "--max_new_tokens=4")
+    assert done.returncode == 0, done.stderr.decode()
+    tokenizer = tok.load("bytes")
+    want = generate(model, [tokenizer.encode("In the beginning", add_special_tokens=False).ids], 4,
+                    stop_tokens=tok.STOP_IDS)
+    kept = [int(t) for t in want.tokens[0, :want.lengths[0]] if int(t) not in tok.STOP_IDS]
+    assert done.stdout.decode().rsplit("\n\n", 1)[0] == tokenizer.decode(kept)
+
+
+def test_the_tokenizer_of_each_kind_of_model_directory(checkpoints):
+    root, _, _ = checkpoints
+    assert run.tokenizer_of(root / "hf") == str(root / "hf")  # an export carries its tokenizer.json
+    assert run.tokenizer_of(root / "run") == "ouro"  # an imported-style run with no data config
+    (root / "task").mkdir(exist_ok=True)
+    run.write_config(root / "task", {"model": {}, "data": {"source": "phop", "tokenizer": "ouro"}})
+    assert run.tokenizer_of(root / "task") is None  # a synthetic-task run has no text tokenizer
+

@@ -26,8 +26,9 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory to create.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32", "float16"],
                            "dtype of the written weights (default: bfloat16 for hf, float32 for run).")
 _TOKENIZER = flags.DEFINE_string(
-    "tokenizer", "ouro", "--to=hf: 'ouro' (the bundled Ouro tokenizer), a tokenizer.json path or directory, "
-    "or 'none'.")
+    "tokenizer", None, "--to=hf: 'ouro' (the bundled Ouro tokenizer), 'bytes', a tokenizer.json path or "
+    "directory, or 'none' (default: the source's own: its tokenizer.json or its run's data.tokenizer; none "
+    "for a synthetic-task run).")
 _AUTO_MAP = flags.DEFINE_enum(
     "auto_map", "local", ["local", "hub"], "--to=hf: local ships our modeling code (transformers 5); hub "
     "points at the official ByteDance/Ouro-1.4B remote code (transformers < 4.56).")

@@ -14,12 +14,14 @@ from ouro_jax.convert import pretrained
 from ouro_jax.tokenizer import load
 
 
-def export_hf(source: str, output_dir: str, dtype: str = "bfloat16", tokenizer: str | None = "ouro",
+def export_hf(source: str, output_dir: str, dtype: str = "bfloat16", tokenizer: str | None = None,
               auto_map: str = "local", overwrite: bool = False, max_shard_size: str = "5GB",
               hub_repo: str = "ByteDance/Ouro-1.4B") -> Path:
-    """Load `source` in `dtype` and write it as a Hugging Face directory (`pretrained.save_pretrained`)."""
+    """Load `source` in `dtype` and write it as a Hugging Face directory (`pretrained.save_pretrained`)
+    with `tokenizer` ("none": without one; None: the source's own, `run.tokenizer_of`)."""
     root = run.locate(source).root
     pretrained.check_output_dir(output_dir, overwrite, kind="export", source=root)  # before the long load
+    tokenizer = run.tokenizer_of(source) if tokenizer is None else tokenizer
     tok = None if tokenizer in (None, "none") else load(tokenizer)
     model = pretrained.from_pretrained(source, dtype=dtype)
     return pretrained.save_pretrained(model, output_dir, dtype=dtype, tokenizer=tok,

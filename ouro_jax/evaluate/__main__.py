@@ -11,8 +11,8 @@ On several processes (`--coordinator_address/--num_processes/--process_id`, or d
 
 PATH: a run directory (its latest checkpoint), one of its steps (RUN/checkpoints/<step>) or a Hugging Face
 Ouro directory. --data: empty for a run's own held-out data; a synthetic task name (e.g. phop); or .txt /
-.jsonl files (comma-separated paths or globs), tokenised with PATH/tokenizer.json when present, else the
-bundled Ouro tokenizer (--tokenizer overrides).
+.jsonl files (comma-separated paths or globs), tokenised with the model's own tokenizer (`run.tokenizer_of`:
+PATH/tokenizer.json, else the run's data.tokenizer, else Ouro's; --tokenizer overrides).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ _NUM_BATCHES = flags.DEFINE_integer("num_batches", None, "Batches to evaluate (d
                                     "eval_batches, 8 for a task, all of text files).", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of a task's held-out examples (--data=TASK).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "'ouro' or a tokenizer.json for text data "
-                                 "(default: PATH/tokenizer.json when present, else 'ouro').")
+                                 "(default: the model's own, `run.tokenizer_of`).")
 _TEXT_FIELD = flags.DEFINE_string("text_field", "text", "Field holding the text in .jsonl lines.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
 _Q = flags.DEFINE_list("q", None, "Q-exit thresholds in [0, 1] (default 0.05,0.1,0.2,...,0.9,0.95,0.99).")
@@ -104,8 +104,7 @@ def main(argv):
     model = from_pretrained(_MODEL.value, dtype=_DTYPE.value)
     config = model.config
     grid = _grid(config.hidden_size)
-    tokenizer = _TOKENIZER.value or (str(location.root) if (location.root / "tokenizer.json").is_file()
-                                     else "ouro")
+    tokenizer = _TOKENIZER.value or run.tokenizer_of(_MODEL.value) or "ouro"
     batches, description = data.load(
         _DATA.value, model_path=_MODEL.value, model_kind=location.kind, vocab_size=config.vocab_size,
         seed=_SEED.value, batch_size=_BATCH_SIZE.value, seq_len=_SEQ_LEN.value,
