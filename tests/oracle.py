@@ -44,7 +44,7 @@ def _mlp(x, sd, prefix):
     return (gate / (1.0 + np.exp(-gate)) * up) @ sd[prefix + "down_proj.weight"].T
 
 
-def forward(sd, cfg, input_ids, num_steps=None, positions=None, segment_ids=None):
+def forward(sd, cfg, input_ids, num_loops=None, positions=None, segment_ids=None):
     """Returns (logits [T, B, S, V], gate_logits [T, B, S]) in float64.
 
     sd: HF-named float64 arrays; cfg: config.json-style dict with head_dim resolved.
@@ -61,7 +61,7 @@ def forward(sd, cfg, input_ids, num_steps=None, positions=None, segment_ids=None
     lm_head = sd["model.embed_tokens.weight"] if cfg["tie_word_embeddings"] else sd["lm_head.weight"]
     h = sd["model.embed_tokens.weight"][input_ids]
     all_logits, all_gates = [], []
-    for _ in range(num_steps or cfg["total_ut_steps"]):
+    for _ in range(num_loops or cfg["total_ut_steps"]):
         for i in range(cfg["num_hidden_layers"]):
             p = f"model.layers.{i}."
             a = _attention(_rms_norm(h, sd[p + "input_layernorm.weight"], eps), sd, p + "self_attn.",

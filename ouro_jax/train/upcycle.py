@@ -1,8 +1,8 @@
 """Upcycling by layer duplication (arXiv:2510.25741 §4: Ouro-2.6B starts from the 24-layer model, 48 layers).
 
-`stacked` gives layers 0..N-1, 0..N-1: one step of the new model applies the old stack twice without
-the inter-step `model.norm` in between, so T new steps approximate 2T old steps (the Stage 1a setting).
-`interleaved` gives 0,0,1,1,...: every old layer is applied twice in a row within each step.
+`stacked` gives layers 0..N-1, 0..N-1: one loop of the new model applies the old stack twice without
+the inter-loop `model.norm` in between, so T new loops approximate 2T old loops (the Stage 1a setting).
+`interleaved` gives 0,0,1,1,...: every old layer is applied twice in a row within each loop.
 """
 
 from __future__ import annotations
