@@ -15,8 +15,10 @@ Model args (`model_args`):
                   (`ouro_jax.generate`) stops running loops once a token has exited.
   kv_sharing      decode-time KV sharing of generation: "none", "last" or "average" (§5.4.2).
   tokenizer       "ouro" or a tokenizer.json path (default: PATH/tokenizer.json when present, else "ouro").
-  prefix_token_id the token that conditions an empty context and the first rolling window (default
-                  <|endoftext|>, the document separator of pre-training).
+  prefix_token_id the token that conditions an empty context and the first rolling window (default: the
+                  one lm-eval's `hf` model uses for the same directory, so scores match published `hf`
+                  results: the `bos_token` of PATH/tokenizer_config.json when set, else its `eos_token`;
+                  <|endoftext|>, the document separator of pre-training, without a tokenizer_config.json).
   max_gen_toks    default generation length when a task does not set one (256).
 
 Requests are grouped into a few fixed shapes, so a task compiles a handful of times, not once per request:
@@ -123,7 +125,8 @@ class OuroLM(TemplateLM):
         self.batch_size = (DEFAULT_BATCH_SIZE if batch_size in (None, "auto")
                            else int(str(batch_size).split(":")[0]))
         self._max_length = int(max_length or model.config.max_position_embeddings)
-        self._prefix = tok.ENDOFTEXT_ID if prefix_token_id is None else int(prefix_token_id)
+        self._prefix = (default_prefix_token_id(pretrained, self.tokenizer) if prefix_token_id is None
+                        else int(prefix_token_id))
         self.max_gen_toks = int(max_gen_toks)
         self._params = nnx.state(self.model)
         self._score = _score_fn(self.model, self.exit_at_loop or num_loops, self.exit_threshold)
@@ -254,6 +257,23 @@ class OuroLM(TemplateLM):
                 tokens = [int(t) for t in out.tokens[r, :out.lengths[r]]]
                 texts[i] = _cut(self.tok_decode(_until_stop(tokens, tok.STOP_IDS)), until)
         return texts
+
+
+def default_prefix_token_id(path: str, tokenizer) -> int:
+    """The prefix token lm-eval's `hf` model uses for the Hugging Face directory `path`: the tokenizer's
+    bos_token when its tokenizer_config.json sets one, else its eos_token (the `hf` model's end-of-text
+    token); <|endoftext|> when there is no tokenizer_config.json (a run directory)."""
+    config_path = os.path.join(path, "tokenizer_config.json")
+    if not os.path.isfile(config_path):
+        return tok.ENDOFTEXT_ID
+    with open(config_path) as f:
+        config = json.load(f)
+    for key in ("bos_token", "eos_token"):
+        token = config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is not None and tokenizer.token_to_id(token) is not None:
+            return tokenizer.token_to_id(token)
+    return tok.ENDOFTEXT_ID
 
 
 def _has_tokenizer_file(path: str) -> bool:
