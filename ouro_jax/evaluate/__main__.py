@@ -44,10 +44,10 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "'ouro' or a tokenizer.json 
 _TEXT_FIELD = flags.DEFINE_string("text_field", "text", "Field holding the text in .jsonl lines.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
 _Q = flags.DEFINE_list("q", None, "Q-exit thresholds in [0, 1] (default 0.05,0.1,0.2,...,0.9,0.95,0.99).")
-_HIDDEN_ABS = flags.DEFINE_list("hidden_abs_eps", None, "Thresholds of ||h_t - h_t-1||_2 (default: the "
+_HIDDEN_DELTA = flags.DEFINE_list("hidden_delta_eps", None, "Thresholds of ||h_t - h_t-1||_2 (default: the "
                                 "relative grid times sqrt(hidden_size)).")
-_HIDDEN_REL = flags.DEFINE_list("hidden_rel_eps", None, "Thresholds of ||h_t - h_t-1|| / ||h_t-1|| "
-                                "(default 0.01,0.02,0.05,0.1,...,0.8,1.0).")
+_HIDDEN_DELTA_RELATIVE = flags.DEFINE_list("hidden_delta_relative_eps", None, "Thresholds of "
+                                           "||h_t - h_t-1|| / ||h_t-1|| (default 0.01,...,0.8,1.0).")
 flags.mark_flags_as_required(["model", "output_dir"])
 
 
@@ -87,7 +87,7 @@ def _grid(hidden_size: int):
 
     default = policies.Grid.default(hidden_size)
     chosen = {name: _floats(flag.value, flag.name) for name, flag in
-              (("q", _Q), ("hidden_abs", _HIDDEN_ABS), ("hidden_rel", _HIDDEN_REL))}
+              (("q", _Q), ("hidden_delta", _HIDDEN_DELTA), ("hidden_delta_relative", _HIDDEN_DELTA_RELATIVE))}
     return policies.Grid(**{name: getattr(default, name) if v is None else v for name, v in chosen.items()})
 
 
