@@ -169,6 +169,21 @@ def test_cli_writes_table_json_and_plots(hf_dir, task_dir, tmp_path):
     assert list(result["loops"]) == ["1", "2", "3", "4"] and list(result["q_exit"]) == ["0.5"]
     assert all(abs(3 * x - round(3 * x)) < 1e-9 for x in result["loops"].values())  # --limit=3 documents
     table = [line for line in proc.stdout.splitlines() if line.startswith("| loop_smoke_mc")]
-    assert len(table) == 1 and table[0].count("|") == 2 + 2 + 4 + 1 and "**T=3**" in proc.stdout
+    assert len(table) == 1 and table[0].count("|") == 1 + 2 + 4 + 1 and "**T=3**" in proc.stdout
     for name in ("metric_vs_loops", "metric_vs_mean_loops"):
         assert (tmp_path / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+def test_eval_sweep_benchmark_smoke_run(tmp_path):
+    figures = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ouro_jax.benchmarks", "--bench=eval.sweep", "--repeats=1", "--eval_docs=2",
+         "--eval_loops=3", "--eval_trained_loops=2", "--eval_hidden_size=16", "--eval_layers=1",
+         "--eval_batch=4", f"--json={figures}"],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "| sweep |" in proc.stdout and "sweep / one = " in proc.stdout
+    result = json.loads(figures.read_text())["eval.sweep"]["figures"]
+    assert sorted(result["seconds"]) == ["one", "separate", "sweep", "sweep+q"]
+    assert result["ratio_to_one"]["one"] == 1.0 and all(s > 0 for s in result["seconds"].values())
