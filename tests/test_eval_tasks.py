@@ -61,14 +61,14 @@ def counted(fn, calls):
     return wrapper
 
 
-def native(hf_dir, manager, task, calls=None, **depth):
-    """One lm-eval run of the native model at a depth: (the task's metrics, its mean loops, its LM)."""
+def native(hf_dir, manager, names, calls=None, **depth):
+    """One lm-eval run of the native model at a depth: ({task: its metrics}, mean loops over all tasks)."""
     lm = OuroLM(pretrained=hf_dir, batch_size=4, **depth)
     if calls is not None:
         lm._score = counted(lm._score, calls)
-    result = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, bootstrap_iters=0,
+    result = lm_eval.simple_evaluate(model=lm, tasks=list(names), task_manager=manager, bootstrap_iters=0,
                                      log_samples=False)
-    return tasks._metrics(result["results"][task]), lm.mean_loops
+    return {name: tasks._metrics(result["results"][name]) for name in names}, lm.mean_loops
 
 
 @pytest.fixture(scope="module")
@@ -82,48 +82,48 @@ def swept(hf_dir, task_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["loop_smoke_mc", "loop_smoke_rolling"])
-def test_sweep_equals_separate_native_runs(swept, hf_dir, task):
+def test_sweep_equals_separate_native_runs(swept, hf_dir):
     results, _, manager = swept
-    entry = results[task]
-    assert entry["metric"] == ("acc,none" if task == "loop_smoke_mc" else "word_perplexity,none")
+    assert results["loop_smoke_mc"]["metric"] == "acc,none"
+    assert results["loop_smoke_rolling"]["metric"] == "word_perplexity,none"
     for k in LOOPS:  # the native model at loop k: exit_at_loop=k, num_loops=k past the trained T
-        want, mean_loops = native(hf_dir, manager, task, num_loops=max(k, TRAINED), exit_at_loop=k)
-        assert entry["metrics"][f"loop {k}"] == pytest.approx(want, rel=1e-4, abs=1e-4)
-        assert entry["loops"][str(k)] == pytest.approx(want[entry["metric"]], rel=1e-4, abs=1e-4)
+        want, mean_loops = native(hf_dir, manager, results, num_loops=max(k, TRAINED), exit_at_loop=k)
         assert mean_loops == k
-    values = []
-    for q in THRESHOLDS:  # Q-exit over the trained T loops
-        want, mean_loops = native(hf_dir, manager, task, exit_threshold=q)
-        got = entry["q_exit"][f"{q:g}"]
-        assert entry["metrics"][f"q={q:g}"] == pytest.approx(want, rel=1e-4, abs=1e-4)
-        assert got["value"] == pytest.approx(want[entry["metric"]], rel=1e-4, abs=1e-4)
-        assert got["mean_loops"] == pytest.approx(mean_loops, rel=1e-6)
-        values.append(got["mean_loops"])
-    assert 1 < values[0] < values[1] < TRAINED  # the gate really exits tokens at different loops
-    if task == "loop_smoke_rolling":  # depth changes the score (4 documents' accuracy is too coarse)
-        assert len({round(v, 6) for v in entry["loops"].values()}) == len(LOOPS)
+        for task, entry in results.items():
+            assert entry["metrics"][f"loop {k}"] == pytest.approx(want[task], rel=1e-4, abs=1e-4)
+            assert entry["loops"][str(k)] == pytest.approx(want[task][entry["metric"]], rel=1e-4, abs=1e-4)
+    for task, entry in results.items():
+        depths = []
+        for q in THRESHOLDS:  # Q-exit over the trained T loops, one task per run for its mean loops
+            want, mean_loops = native(hf_dir, manager, [task], exit_threshold=q)
+            got = entry["q_exit"][f"{q:g}"]
+            assert entry["metrics"][f"q={q:g}"] == pytest.approx(want[task], rel=1e-4, abs=1e-4)
+            assert got["value"] == pytest.approx(want[task][entry["metric"]], rel=1e-4, abs=1e-4)
+            assert got["mean_loops"] == pytest.approx(mean_loops, rel=1e-6)
+            depths.append(got["mean_loops"])
+        assert 1 < depths[0] < depths[1] < TRAINED  # the gate really exits tokens at different loops
+    rolling = results["loop_smoke_rolling"]["loops"].values()  # depth changes the score (4 documents'
+    assert len({round(v, 6) for v in rolling}) == len(LOOPS)   # accuracy is too coarse to show it)
 
 
 @pytest.mark.slow
 def test_a_sweep_runs_one_forward_per_batch(swept, hf_dir):
     results, calls, manager = swept
     single = []  # one native evaluation of both tasks at the largest loop count
-    for task in results:
-        native(hf_dir, manager, task, single, num_loops=max(LOOPS))
+    native(hf_dir, manager, results, single, num_loops=max(LOOPS))
     assert len(calls) == len(single) > 0
 
 
-@pytest.mark.slow
 def test_generation_per_depth_equals_native_runs(hf_dir, task_dir):
     manager = TaskManager(include_path=str(task_dir))
     lm = tasks.LoopSweepLM(hf_dir, [2, 4], (0.5,), batch_size=4)
     entry = tasks.sweep(lm, tasks.load_tasks(manager, ["loop_smoke_gen"]), manager)["loop_smoke_gen"]
     for k in (2, 4):
-        want, _ = native(hf_dir, manager, "loop_smoke_gen", num_loops=max(k, TRAINED), exit_at_loop=k)
-        assert entry["metrics"][f"loop {k}"] == want
-    want, mean_loops = native(hf_dir, manager, "loop_smoke_gen", exit_threshold=0.5)
-    assert entry["q_exit"]["0.5"] == {"value": want["exact_match,none"], "mean_loops": mean_loops}
+        want, _ = native(hf_dir, manager, ["loop_smoke_gen"], num_loops=max(k, TRAINED), exit_at_loop=k)
+        assert entry["metrics"][f"loop {k}"] == want["loop_smoke_gen"]
+    want, mean_loops = native(hf_dir, manager, ["loop_smoke_gen"], exit_threshold=0.5)
+    assert entry["q_exit"]["0.5"] == {"value": want["loop_smoke_gen"]["exact_match,none"],
+                                      "mean_loops": mean_loops}
     assert 1 <= mean_loops <= TRAINED
 
 

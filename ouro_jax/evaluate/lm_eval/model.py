@@ -21,6 +21,9 @@ Model args (`model_args`):
                   <|endoftext|>, the document separator of pre-training, without a tokenizer_config.json).
   max_gen_toks    default generation length when a task does not set one (256).
 
+`OuroLM.mean_loops` is the mean number of loops the scored targets / generated tokens ran since
+`reset_depth()` (Q-exit's compute).
+
 Requests are grouped into a few fixed shapes, so a task compiles a handful of times, not once per request:
 rows are right-padded (scoring) or left-padded (generation) to the next length of `BUCKETS` (capped at
 max_length) and batches are filled up to `batch_size` with empty rows.
