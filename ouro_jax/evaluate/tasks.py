@@ -178,13 +178,16 @@ def write_local_tasks(directory: str | os.PathLike, data_file: str | os.PathLike
               f"    test: {json.dumps(os.path.abspath(data_file))}\ntest_split: test\n")
     bodies = {
         "loop_smoke_mc": "output_type: multiple_choice\ndoc_to_text: '{{question}}'\ndoc_to_choice: choices\n"
-                         "doc_to_target: answer\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n",
+                         "doc_to_target: answer\nmetric_list:\n"
+                         "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+                         "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}\n",
         "loop_smoke_rolling": "output_type: loglikelihood_rolling\ndoc_to_text: ''\n"
                               "doc_to_target: '{{text}}'\nmetric_list:\n  - metric: word_perplexity\n"
                               "  - metric: byte_perplexity\n  - metric: bits_per_byte\n",
         "loop_smoke_gen": "output_type: generate_until\ndoc_to_text: '{{question}}'\n"
                           "doc_to_target: '{{choices[answer]}}'\ngeneration_kwargs:\n  until: [\"\\n\"]\n"
-                          "  max_gen_toks: 8\n  do_sample: false\nmetric_list:\n  - metric: exact_match\n",
+                          "  max_gen_toks: 8\n  do_sample: false\nmetric_list:\n"
+                          "  - {metric: exact_match, aggregation: mean, higher_is_better: true}\n",
     }
     for name, body in bodies.items():
         with open(os.path.join(directory, f"{name}.yaml"), "w") as f:
