@@ -112,7 +112,10 @@ def _grid(hidden_size: int):
 
 def _run_tasks() -> None:
     """--tasks: every input checked before the model loads, then `tasks.sweep` and `tasks.write`."""
-    from lm_eval.tasks import TaskManager
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise cli.UserError("--tasks needs lm-evaluation-harness: pip install 'ouro_jax[eval]'") from None
 
     from ouro_jax.evaluate import tasks
 
