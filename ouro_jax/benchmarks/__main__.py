@@ -9,7 +9,7 @@ markdown and add its figures to FILE (a JSON object keyed by benchmark name; oth
     python -m ouro_jax.benchmarks --bench=decode.rows --new_tokens=64 --repeats=3
     python -m ouro_jax.benchmarks --bench=decode.split --batches=1,8,32
     python -m ouro_jax.benchmarks --bench=convert.roundtrip --preset=ouro_1p4b
-    python -m ouro_jax.benchmarks --bench=eval.sweep --eval_docs=64 --eval_loops=8
+    python -m ouro_jax.benchmarks --bench=eval.sweep --repeats=1 --eval_docs=16
 
 NAME is a benchmark (`BENCHMARKS`) or a group (train, decode, convert, eval). What each measures is in the
 docstrings of `ouro_jax.benchmarks.train`, `.decode`, `.decode_split`, `.convert` and `.eval_sweep`. Bad
@@ -63,11 +63,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "convert.roundtrip: where the ex
                                "temporary directory).")
 _KEEP = flags.DEFINE_bool("keep", False, "convert.roundtrip: keep the export.")
 # eval.*
-_EVAL_DOCS = flags.DEFINE_integer("eval_docs", 64, "eval.sweep: multiple-choice documents.", lower_bound=1)
+_EVAL_DOCS = flags.DEFINE_integer("eval_docs", 16, "eval.sweep: multiple-choice documents.", lower_bound=1)
 _EVAL_LOOPS = flags.DEFINE_integer("eval_loops", 8, "eval.sweep: the sweep's loops 1..L.", lower_bound=1)
 _EVAL_TRAINED = flags.DEFINE_integer("eval_trained_loops", 4, "eval.sweep: the model's trained T.",
                                      lower_bound=1)
-_EVAL_HIDDEN = flags.DEFINE_integer("eval_hidden_size", 256, "eval.sweep: hidden size.", lower_bound=16)
+_EVAL_HIDDEN = flags.DEFINE_integer("eval_hidden_size", 128, "eval.sweep: hidden size.", lower_bound=16)
 _EVAL_LAYERS = flags.DEFINE_integer("eval_layers", 2, "eval.sweep: decoder layers.", lower_bound=1)
 _EVAL_BATCH = flags.DEFINE_integer("eval_batch", 8, "eval.sweep: rows per scoring batch.", lower_bound=1)
 flags.mark_flag_as_required("bench")
