@@ -116,14 +116,18 @@ class LoopSweepLM(OuroLM):
     def select(self, kind: str, value: float) -> None:
         """Answer as the native model at loop k (`kind` "loop") or with Q-exit threshold q ("q_exit");
         resets `mean_loops`."""
-        if kind == "loop":
-            self.model = with_num_loops(self._full, max(int(value), self.trained_loops))
-            self.exit_at_loop, self.exit_threshold = int(value), None
-        else:
-            self.model = with_num_loops(self._full, self.q_loops)
-            self.exit_at_loop, self.exit_threshold = None, float(value)
         self.selection = (kind, value)
         self.reset_depth()
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """One generation at the selected depth: loop k runs max(k, T) loops' model with exit_at_loop=k,
+        Q-exit the model of `q_loops` loops with exit_threshold=q."""
+        kind, value = self.selection
+        loops = max(int(value), self.trained_loops) if kind == "loop" else self.q_loops
+        self.model = with_num_loops(self._full, loops)
+        self.exit_at_loop = int(value) if kind == "loop" else None
+        self.exit_threshold = float(value) if kind == "q_exit" else None
+        return super().generate_until(requests, disable_tqdm)
 
     def _score_rows(self, rows: Sequence[Row], disable_tqdm: bool = True) -> list[tuple[float, bool]]:
         """Scores at the selected depth; rows not yet in the table run one forward of every loop first."""
@@ -201,6 +205,23 @@ def _metrics(result: Mapping[str, Any]) -> dict[str, float]:
             if "," in k and "_stderr" not in k and isinstance(v, int | float)}
 
 
+def _evaluate_again(lm: LoopSweepLM, task, manager, limit: int | None) -> dict[str, Any]:
+    """`lm_eval.simple_evaluate` of a task it has configured before: the same seeds (so few-shot examples,
+    hence requests, are the same), then lm-eval's `evaluate`."""
+    import random
+
+    from lm_eval import evaluator
+    from lm_eval.defaults import DEFAULT_OTHER_SEED, DEFAULT_RANDOM_SEED
+
+    random.seed(DEFAULT_RANDOM_SEED)
+    np.random.seed(DEFAULT_OTHER_SEED)  # noqa: NPY002 - lm-eval draws from numpy's global generator
+    loaded = manager.load([task])
+    for leaf in loaded["tasks"].values():
+        leaf.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
+    return evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, bootstrap_iters=0, log_samples=False,
+                              verbosity="ERROR")
+
+
 def sweep(lm: LoopSweepLM, tasks: Mapping[str, Any], manager, *, limit: int | None = None,
           num_fewshot: int | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every task's metric at each of `lm.selections()`, in the tasks.json layout (module docstring);
@@ -211,11 +232,14 @@ def sweep(lm: LoopSweepLM, tasks: Mapping[str, Any], manager, *, limit: int | No
     for name, task in tasks.items():
         start = time.perf_counter()
         entry: dict[str, Any] = {"loops": {}, "q_exit": {}, "metrics": {}}
-        for kind, value in lm.selections():
+        for i, (kind, value) in enumerate(lm.selections()):
             lm.select(kind, value)
-            result = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=limit,
-                                             num_fewshot=num_fewshot, bootstrap_iters=0, log_samples=False,
-                                             verbosity="ERROR")
+            if i == 0:  # lm-eval's own configuration of the task (few-shot count, seeds), kept by the task
+                result = lm_eval.simple_evaluate(
+                    model=lm, tasks=[task], task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                    bootstrap_iters=0, log_samples=False, verbosity="ERROR")
+            else:  # the same evaluation without simple_evaluate's environment report (seconds per call)
+                result = _evaluate_again(lm, task, manager, limit)
             metrics = _metrics(result["results"][name])
             metric = entry.setdefault("metric", next(iter(metrics)))
             if kind == "loop":
