@@ -109,7 +109,7 @@ def oracle(model, batches, grid, num_loops):
                 fired = cdf[:-1] >= threshold
                 loop = np.where(fired.any(0), fired.argmax(0), num_loops - 1)
             else:
-                fired = (change if kind == "hidden_abs" else relative) < threshold
+                fired = (change if kind == "hidden_delta" else relative) < threshold
                 loop = np.where(fired.any(0), 1 + fired.argmax(0), num_loops - 1)
             pick = lambda x, loop=loop: np.take_along_axis(x, loop[None], 0)[0]
             add(f"{p}_ce", (pick(ce) * mask).sum())
@@ -127,8 +127,8 @@ def test_metrics_equal_a_float64_recomputation_and_compile_once(monkeypatch):
     num_loops = model.config.total_ut_steps + 1  # one extrapolated loop
     h = np.asarray(full_forward(model, batches[0], num_loops).hidden_states, np.float64)
     change = np.linalg.norm(h[1:] - h[:-1], axis=-1)
-    grid = policies.Grid(q=(0.2, 0.5, 0.8), hidden_abs=between(change, 3),
-                         hidden_rel=between(change / np.linalg.norm(h[:-1], axis=-1), 3))
+    grid = policies.Grid(q=(0.2, 0.5, 0.8), hidden_delta=between(change, 3),
+                         hidden_delta_relative=between(change / np.linalg.norm(h[:-1], axis=-1), 3))
 
     traces = []
     original = metrics.batch_sums

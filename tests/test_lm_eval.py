@@ -108,7 +108,8 @@ def test_scores_equal_an_independent_full_forward(hf_dir):
     expected = 0.0
     for start in range(0, len(tokens), MAX_LENGTH):  # predict MAX_LENGTH tokens at a time, each window
         end = min(start + MAX_LENGTH, len(tokens))    # filled up with the preceding tokens
-        inputs = [tok.ENDOFTEXT_ID, *tokens[:end - 1]] if start == 0 else tokens[end - MAX_LENGTH - 1:end - 1]
+        # the export's tokenizer_config.json sets bos_token <|im_start|>: lm-eval's `hf` model's prefix
+        inputs = [tok.IM_START_ID, *tokens[:end - 1]] if start == 0 else tokens[end - MAX_LENGTH - 1:end - 1]
         lp, loops = log_probs(model, inputs, 4), q_exit(model, inputs, 4, 0.6)
         scored = np.arange(len(inputs) - (end - start), len(inputs))
         expected += lp[loops[scored], scored, tokens[start:end]].sum()
@@ -161,17 +162,19 @@ def test_agrees_with_the_hf_backend_on_local_tasks(hf_dir, tmp_path):
     results = {}
     for backend, args in [("ouro_jax", f"pretrained={hf_dir},batch_size=4"),
                           ("hf", f"pretrained={hf_dir},trust_remote_code=True,dtype=float32,"
-                                 "prefix_token_id=0,device=cpu,batch_size=4")]:
+                                 "device=cpu,batch_size=4")]:  # both with their default prefix token
         results[backend] = lm_eval.simple_evaluate(model=backend, model_args=args, tasks=tasks,
                                                    task_manager=manager, log_samples=True, bootstrap_iters=0)
     ours, theirs = results["ouro_jax"], results["hf"]
     for task in tasks:
-        for a, b in zip(ours["samples"][task], theirs["samples"][task], strict=True):
-            if task == "ouro_gen":
-                assert a["filtered_resps"] == b["filtered_resps"]
-            else:
-                np.testing.assert_allclose(np.asarray(a["filtered_resps"], float),
-                                           np.asarray(b["filtered_resps"], float), atol=1e-3)
+        pairs = list(zip(ours["samples"][task], theirs["samples"][task], strict=True))
+        if task == "ouro_gen":
+            assert [a["filtered_resps"] for a, _ in pairs] == [b["filtered_resps"] for _, b in pairs]
+            continue
+        a, b = (np.concatenate([np.asarray(s["filtered_resps"], float).ravel() for s in side])
+                for side in zip(*pairs, strict=True))
+        print(f"{task}: max |ouro_jax - hf| = {np.abs(a - b).max():.2e} nats")  # the parity figure (-s)
+        np.testing.assert_allclose(a, b, atol=1e-3)
     assert ours["results"]["ouro_mc"]["acc,none"] == theirs["results"]["ouro_mc"]["acc,none"]
     assert ours["results"]["ouro_ll"]["acc,none"] == theirs["results"]["ouro_ll"]["acc,none"]
     assert ours["results"]["ouro_rolling"]["word_perplexity,none"] == pytest.approx(
@@ -186,3 +189,16 @@ def test_cli_unknown_task_is_one_line_error(hf_dir, capsys, monkeypatch):
     assert exit_info.value.code != 0
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1] == "error: Tasks not found: no_such_task_xyz"
+
+
+def test_default_prefix_token_follows_the_hf_model(tmp_path):
+    """lm-eval's `hf` model prefixes with the tokenizer's bos_token, else its eos_token (end of text)."""
+    from ouro_jax.evaluate.lm_eval.model import default_prefix_token_id
+
+    ouro = tok.load("ouro")
+    assert default_prefix_token_id(str(tmp_path), ouro) == tok.ENDOFTEXT_ID  # no tokenizer_config.json
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"bos_token": None, "eos_token": "<|im_end|>"}))
+    assert default_prefix_token_id(str(tmp_path), ouro) == tok.IM_END_ID
+    config.write_text(json.dumps({"bos_token": {"content": "<|im_start|>"}, "eos_token": "<|im_end|>"}))
+    assert default_prefix_token_id(str(tmp_path), ouro) == tok.IM_START_ID

@@ -9,9 +9,10 @@ markdown and add its figures to FILE (a JSON object keyed by benchmark name; oth
     python -m ouro_jax.benchmarks --bench=decode.rows --new_tokens=64 --repeats=3
     python -m ouro_jax.benchmarks --bench=decode.split --batches=1,8,32
     python -m ouro_jax.benchmarks --bench=convert.roundtrip --preset=ouro_1p4b
+    python -m ouro_jax.benchmarks --bench=eval.sweep --repeats=1 --eval_docs=16
 
-NAME is a benchmark (`BENCHMARKS`) or a group (train, decode, convert). What each measures is in the
-docstrings of `ouro_jax.benchmarks.train`, `.decode`, `.decode_split` and `.convert`. Bad
+NAME is a benchmark (`BENCHMARKS`) or a group (train, decode, convert, eval). What each measures is in the
+docstrings of `ouro_jax.benchmarks.train`, `.decode`, `.decode_split`, `.convert` and `.eval_sweep`. Bad
 input prints one line.
 """
 
@@ -25,7 +26,8 @@ from ouro_jax import cli
 from ouro_jax.benchmarks.common import SHAPES
 
 BENCHMARKS = ("train.compile", "train.memory", "train.fwd_bwd", "train.step", "decode.speed", "decode.cache",
-              "decode.exit", "decode.rows", "decode.split", "convert.roundtrip")
+              "decode.exit", "decode.rows", "decode.split", "convert.roundtrip",
+              "eval.sweep")
 
 _BENCH = flags.DEFINE_list("bench", None, "Benchmarks or groups to run: " + ", ".join(BENCHMARKS) + ".")
 _JSON = flags.DEFINE_string("json", None, "Add the figures to this JSON file.")
@@ -63,6 +65,14 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16
 _WORKDIR = flags.DEFINE_string("workdir", None, "convert.roundtrip: where the export goes (default: a "
                                "temporary directory).")
 _KEEP = flags.DEFINE_bool("keep", False, "convert.roundtrip: keep the export.")
+# eval.*
+_EVAL_DOCS = flags.DEFINE_integer("eval_docs", 16, "eval.sweep: multiple-choice documents.", lower_bound=1)
+_EVAL_LOOPS = flags.DEFINE_integer("eval_loops", 8, "eval.sweep: the sweep's loops 1..L.", lower_bound=1)
+_EVAL_TRAINED = flags.DEFINE_integer("eval_trained_loops", 4, "eval.sweep: the model's trained T.",
+                                     lower_bound=1)
+_EVAL_HIDDEN = flags.DEFINE_integer("eval_hidden_size", 128, "eval.sweep: hidden size.", lower_bound=16)
+_EVAL_LAYERS = flags.DEFINE_integer("eval_layers", 2, "eval.sweep: decoder layers.", lower_bound=1)
+_EVAL_BATCH = flags.DEFINE_integer("eval_batch", 8, "eval.sweep: rows per scoring batch.", lower_bound=1)
 flags.mark_flag_as_required("bench")
 
 
@@ -73,7 +83,7 @@ def selected(names: list[str]) -> list[str]:
         group = [b for b in BENCHMARKS if b.split(".")[0] == name]
         if name not in BENCHMARKS and not group:
             raise cli.UserError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)} or a "
-                                "group (train, decode, convert)")
+                                "group (train, decode, convert, eval)")
         out += [b for b in (group or [name]) if b not in out]
     return out
 
@@ -88,7 +98,7 @@ def _numbers(flag) -> list:
 
 def _run(name: str):
     """The `Result` of benchmark `name` with the flags' settings."""
-    from ouro_jax.benchmarks import convert, decode, decode_split, train
+    from ouro_jax.benchmarks import convert, decode, decode_split, eval_sweep, train
 
     sizes = dict(batch=_BATCH.value, seq_len=_SEQ_LEN.value, beta=_BETA.value, shape=_SHAPE.value)
     layout = dict(remat_policy=_REMAT_POLICY.value, scan_layers=_SCAN_LAYERS.value)
@@ -111,6 +121,10 @@ def _run(name: str):
         "decode.split": lambda: decode_split.split(repeats=repeats, batches=_numbers(_BATCHES), **tokens),
         "convert.roundtrip": lambda: convert.roundtrip(preset=_PRESET.value, dtype=_DTYPE.value,
                                                        workdir=_WORKDIR.value, keep=_KEEP.value),
+        "eval.sweep": lambda: eval_sweep.sweep(
+            docs=_EVAL_DOCS.value, max_loops=_EVAL_LOOPS.value, trained_loops=_EVAL_TRAINED.value,
+            hidden_size=_EVAL_HIDDEN.value, layers=_EVAL_LAYERS.value, batch_size=_EVAL_BATCH.value,
+            repeats=repeats),
     }[name]()
 
 

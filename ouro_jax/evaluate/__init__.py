@@ -5,4 +5,5 @@
   plots        matplotlib figures (`figures`, and `loop_figures` for the training evaluation)
   data         evaluation batches: a run's held-out data, a task, or text files
   lm_eval      the lm-evaluation-harness model "ouro_jax" (needs the [eval] extra)
+  tasks        lm-eval tasks at every loop count and Q-exit threshold from one pass (`--tasks`)
 """

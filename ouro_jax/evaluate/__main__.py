@@ -1,4 +1,6 @@
 """`python -m ouro_jax.evaluate --model=PATH [--data=...] --output_dir=DIR [--extra_loops=K]`
+`python -m ouro_jax.evaluate --model=PATH --tasks=TASKS [--include_path=DIR] [--loops=1-8]
+    [--exit_thresholds=0.3,0.5,0.7,0.9] [--limit=N] [--num_fewshot=K] --output_dir=DIR`
 
 Evaluates a looped model loop by loop (arXiv:2510.25741 §5.4.1): for loops 1..T (and T+1..T+K with
 --extra_loops=K) the cross-entropy, perplexity, token accuracy and, on the synthetic tasks, answer
@@ -10,7 +12,13 @@ On several processes (`--coordinator_address/--num_processes/--process_id`, or d
 `ouro_jax.distributed`) each evaluates its share of the batches and process 0 writes the one-process result.
 
 PATH: a run directory (its latest checkpoint), one of its steps (RUN/checkpoints/<step>) or a Hugging Face
-Ouro directory. --data: empty for a run's own held-out data; a synthetic task name (e.g. phop); or .txt /
+Ouro directory.
+
+With --tasks: lm-evaluation-harness tasks per loop from one pass (`ouro_jax.evaluate.tasks`): every task's
+metric at each loop count of --loops and under each Q-exit threshold, in DIR/tasks.json, DIR/tasks.md and
+two plots; --batch_size, --dtype and --tokenizer apply as to the lm-eval model.
+
+--data: empty for a run's own held-out data; a synthetic task name (e.g. phop); or .txt /
 .jsonl files (comma-separated paths or globs), tokenised with the model's own tokenizer (`run.tokenizer_of`:
 PATH/tokenizer.json, else the run's data.tokenizer, else Ouro's; --tokenizer overrides).
 """
@@ -44,10 +52,21 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "'ouro' or a tokenizer.json 
 _TEXT_FIELD = flags.DEFINE_string("text_field", "text", "Field holding the text in .jsonl lines.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
 _Q = flags.DEFINE_list("q", None, "Q-exit thresholds in [0, 1] (default 0.05,0.1,0.2,...,0.9,0.95,0.99).")
-_HIDDEN_ABS = flags.DEFINE_list("hidden_abs_eps", None, "Thresholds of ||h_t - h_t-1||_2 (default: the "
+_HIDDEN_DELTA = flags.DEFINE_list("hidden_delta_eps", None, "Thresholds of ||h_t - h_t-1||_2 (default: the "
                                 "relative grid times sqrt(hidden_size)).")
-_HIDDEN_REL = flags.DEFINE_list("hidden_rel_eps", None, "Thresholds of ||h_t - h_t-1|| / ||h_t-1|| "
-                                "(default 0.01,0.02,0.05,0.1,...,0.8,1.0).")
+_HIDDEN_DELTA_RELATIVE = flags.DEFINE_list("hidden_delta_relative_eps", None, "Thresholds of "
+                                           "||h_t - h_t-1|| / ||h_t-1|| (default 0.01,...,0.8,1.0).")
+_TASKS = flags.DEFINE_list("tasks", None, "lm-eval tasks, groups or tags to evaluate per loop (instead of "
+                           "--data).")
+_INCLUDE_PATH = flags.DEFINE_string("include_path", None, "A directory of local lm-eval task YAMLs "
+                                    "(--tasks).")
+_LOOPS = flags.DEFINE_string("loops", "1-8", "Loop counts of --tasks: ranges and counts in 1..32, e.g. 1-8 "
+                             "or 1,2,4.")
+_EXIT_THRESHOLDS = flags.DEFINE_list("exit_thresholds", ["0.3", "0.5", "0.7", "0.9"],
+                                     "Q-exit thresholds of --tasks (empty: none).")
+_LIMIT = flags.DEFINE_integer("limit", None, "Documents per task (--tasks; default all).", lower_bound=1)
+_NUM_FEWSHOT = flags.DEFINE_integer("num_fewshot", None, "Few-shot examples (--tasks; default the task's).",
+                                    lower_bound=0)
 flags.mark_flags_as_required(["model", "output_dir"])
 
 
@@ -87,12 +106,42 @@ def _grid(hidden_size: int):
 
     default = policies.Grid.default(hidden_size)
     chosen = {name: _floats(flag.value, flag.name) for name, flag in
-              (("q", _Q), ("hidden_abs", _HIDDEN_ABS), ("hidden_rel", _HIDDEN_REL))}
+              (("q", _Q), ("hidden_delta", _HIDDEN_DELTA), ("hidden_delta_relative", _HIDDEN_DELTA_RELATIVE))}
     return policies.Grid(**{name: getattr(default, name) if v is None else v for name, v in chosen.items()})
+
+
+def _run_tasks() -> None:
+    """--tasks: every input checked before the model loads, then `tasks.sweep` and `tasks.write`."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise cli.UserError("--tasks needs lm-evaluation-harness: pip install 'ouro_jax[eval]'") from None
+
+    from ouro_jax.evaluate import tasks
+
+    if _DATA.value:
+        raise cli.UserError("give --tasks or --data, not both")
+    loops = tasks.parse_loops(_LOOPS.value)
+    thresholds = tasks.check_thresholds(_floats(_EXIT_THRESHOLDS.value, "exit_thresholds") or ())
+    if _INCLUDE_PATH.value and not os.path.isdir(_INCLUDE_PATH.value):
+        raise cli.UserError(f"--include_path: no such directory: {_INCLUDE_PATH.value}")
+    manager = TaskManager(include_path=_INCLUDE_PATH.value)
+    chosen = tasks.load_tasks(manager, _TASKS.value)
+    model_args = {"dtype": _DTYPE.value, "batch_size": _BATCH_SIZE.value, "tokenizer": _TOKENIZER.value}
+    lm = tasks.LoopSweepLM(_MODEL.value, loops, thresholds, **model_args)
+    results = tasks.sweep(lm, chosen, manager, limit=_LIMIT.value, num_fewshot=_NUM_FEWSHOT.value,
+                          log=lambda line: print(line, flush=True))
+    name = os.path.basename(os.path.abspath(_MODEL.value))
+    paths = tasks.write(results, _OUTPUT_DIR.value, trained_loops=lm.trained_loops, title=name)
+    print(f"\n{name}: trained T={lm.trained_loops}; Q-exit over loops 1..{lm.q_loops}\n")
+    print(tasks.markdown_table(results, lm.trained_loops))
+    print("\nwrote " + ", ".join(paths))
 
 
 def main(argv):
     del argv
+    if _TASKS.value:
+        return _run_tasks()
     distributed.initialize_from_flags()  # before anything touches a device; a no-op for one process
     import jax
 

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-COLORS = {"static": "black", "q_exit": "tab:blue", "hidden_abs": "tab:orange", "hidden_rel": "tab:green"}
+COLORS = {"static": "black", "q_exit": "tab:blue", "hidden_delta": "tab:orange",
+          "hidden_delta_relative": "tab:green"}
 NAMES = {"static": "static exit (loop 1..L)", "q_exit": "Q-exit (gate CDF >= q)",
-         "hidden_abs": "hidden-state change ||h_t - h_t-1|| < eps",
-         "hidden_rel": "relative change ||h_t - h_t-1|| / ||h_t-1|| < eps"}
+         "hidden_delta": "hidden-state change ||h_t - h_t-1|| < eps",
+         "hidden_delta_relative": "relative change ||h_t - h_t-1|| / ||h_t-1|| < eps"}
 
 
 def _loops(n: int) -> np.ndarray:

@@ -15,9 +15,14 @@ Model args (`model_args`):
                   (`ouro_jax.generate`) stops running loops once a token has exited.
   kv_sharing      decode-time KV sharing of generation: "none", "last" or "average" (§5.4.2).
   tokenizer       "ouro" or a tokenizer.json path (default: PATH/tokenizer.json when present, else "ouro").
-  prefix_token_id the token that conditions an empty context and the first rolling window (default
-                  <|endoftext|>, the document separator of pre-training).
+  prefix_token_id the token that conditions an empty context and the first rolling window (default: the
+                  one lm-eval's `hf` model uses for the same directory, so scores match published `hf`
+                  results: the `bos_token` of PATH/tokenizer_config.json when set, else its `eos_token`;
+                  <|endoftext|>, the document separator of pre-training, without a tokenizer_config.json).
   max_gen_toks    default generation length when a task does not set one (256).
+
+`OuroLM.mean_loops` is the mean number of loops the scored targets / generated tokens ran since
+`reset_depth()` (Q-exit's compute).
 
 Requests are grouped into a few fixed shapes, so a task compiles a handful of times, not once per request:
 rows are right-padded (scoring) or left-padded (generation) to the next length of `BUCKETS` (capped at
@@ -66,24 +71,37 @@ def bucket(length: int, limit: int) -> int:
     return min(next((b for b in BUCKETS if b >= length), limit), limit)
 
 
+def token_scores(model: Ouro, input_ids: jax.Array, targets: jax.Array, num_loops: int):
+    """Every loop's target log-probs and greedy hits, [L, B, S] float32 / bool, and the gate logits
+    [L, B, S]; one loop's logits exist at a time."""
+
+    def readout(hidden):
+        logp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
+        target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+        return target_logp, jnp.argmax(logp, axis=-1) == targets
+
+    (logp, greedy), gate_logits = model.loop(input_ids, readout, num_loops=num_loops)
+    return logp, greedy, gate_logits
+
+
+def row_scores(logp: jax.Array, greedy: jax.Array, loop: jax.Array | int, weights: jax.Array):
+    """Per-loop token scores [L, B, S] read at `loop` (0-based; an int or [B, S]) -> (sum of weighted
+    target log-probs [B], every weighted target is the argmax [B], loops run by the weighted targets [B])."""
+    logp, greedy = exits.select_loop(logp, loop), exits.select_loop(greedy, loop)
+    depth = jnp.broadcast_to(jnp.asarray(loop) + 1, weights.shape).astype(jnp.float32)
+    return (jnp.sum(logp * weights, axis=1), jnp.all(greedy | (weights == 0), axis=1),
+            jnp.sum(depth * weights, axis=1))
+
+
 def _score_fn(model: Ouro, num_loops: int, exit_threshold: float | None):
-    """jit(params, input_ids [B, S], targets [B, S], weights [B, S]) -> (sum of weighted target log-probs
-    [B], all weighted targets are the argmax [B]), from the last of `num_loops` loops or, with
-    `exit_threshold`, each token's Q-exit loop. One loop's logits exist at a time."""
+    """jit(params, input_ids [B, S], targets [B, S], weights [B, S]) -> `row_scores` from the last of
+    `num_loops` loops or, with `exit_threshold`, each token's Q-exit loop."""
     graphdef = nnx.graphdef(model)
 
     def score(params, input_ids, targets, weights):
-        m = nnx.merge(graphdef, params)
-
-        def readout(hidden):
-            logp = jax.nn.log_softmax(m.logits(hidden), axis=-1)
-            target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-            return target_logp, jnp.argmax(logp, axis=-1) == targets
-
-        (logp, greedy), gate_logits = m.loop(input_ids, readout, num_loops=num_loops)
+        logp, greedy, gate_logits = token_scores(nnx.merge(graphdef, params), input_ids, targets, num_loops)
         loop = num_loops - 1 if exit_threshold is None else exits.q_exit_loop(gate_logits, exit_threshold)
-        logp, greedy = exits.select_loop(logp, loop), exits.select_loop(greedy, loop)
-        return jnp.sum(logp * weights, axis=1), jnp.all(greedy | (weights == 0), axis=1)
+        return row_scores(logp, greedy, loop, weights)
 
     return jax.jit(score)
 
@@ -104,7 +122,8 @@ class OuroLM(TemplateLM):
         super().__init__()
         del device, max_batch_size
         model = from_pretrained(pretrained, dtype=dtype)
-        num_loops = int(num_loops or model.config.total_ut_steps)
+        self.trained_loops = model.config.total_ut_steps
+        num_loops = int(num_loops or self.trained_loops)
         if exit_at_loop is not None and exit_threshold is not None:
             raise ValueError("exit_at_loop fixes the depth: do not combine it with exit_threshold")
         if exit_at_loop is not None and not 1 <= int(exit_at_loop) <= num_loops:
@@ -123,10 +142,21 @@ class OuroLM(TemplateLM):
         self.batch_size = (DEFAULT_BATCH_SIZE if batch_size in (None, "auto")
                            else int(str(batch_size).split(":")[0]))
         self._max_length = int(max_length or model.config.max_position_embeddings)
-        self._prefix = tok.ENDOFTEXT_ID if prefix_token_id is None else int(prefix_token_id)
+        self._prefix = (default_prefix_token_id(pretrained, self.tokenizer) if prefix_token_id is None
+                        else int(prefix_token_id))
         self.max_gen_toks = int(max_gen_toks)
         self._params = nnx.state(self.model)
         self._score = _score_fn(self.model, self.exit_at_loop or num_loops, self.exit_threshold)
+        self.reset_depth()
+
+    def reset_depth(self) -> None:
+        """Start counting anew the loops run by scored targets and generated tokens (`mean_loops`)."""
+        self.depth_total, self.depth_tokens = 0.0, 0
+
+    @property
+    def mean_loops(self) -> float:
+        """Mean loops per scored target / generated token since `reset_depth` (nan before any)."""
+        return self.depth_total / self.depth_tokens if self.depth_tokens else float("nan")
 
     # --- what TemplateLM needs --------------------------------------------------------------------
     @property
@@ -161,13 +191,12 @@ class OuroLM(TemplateLM):
         whole = (context + continuation)[-(self.max_length + 1):]
         return whole[:-1], whole[-len(continuation):] if len(continuation) < len(whole) else whole[1:]
 
-    def _score_rows(self, rows: Sequence[Row], disable_tqdm: bool = True) -> list[tuple[float, bool]]:
-        """Sum of target log-probs and whether every target is the argmax, per row, in fixed-shape
-        batches (rows grouped by bucket length)."""
+    def _batches(self, rows: Sequence[Row], disable_tqdm: bool):
+        """Rows grouped by bucket length into fixed-shape batches: yields (row indices, input ids, targets,
+        weights), each array [batch_size, length]; unused rows are all zero."""
         by_bucket = collections.defaultdict(list)
         for i, (inputs, _) in enumerate(rows):
             by_bucket[bucket(len(inputs), self.max_length)].append(i)
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
         batches = [(length, members[k:k + self.batch_size]) for length, members in sorted(by_bucket.items())
                    for k in range(0, len(members), self.batch_size)]
         for length, members in tqdm(batches, desc="ouro_jax scoring", disable=disable_tqdm):
@@ -179,9 +208,17 @@ class OuroLM(TemplateLM):
                 ids[r, :len(inputs)] = inputs
                 targets[r, len(inputs) - len(target):len(inputs)] = target
                 weights[r, len(inputs) - len(target):len(inputs)] = 1.0
-            logp, greedy = jax.device_get(self._score(self._params, ids, targets, weights))
+            yield members, ids, targets, weights
+
+    def _score_rows(self, rows: Sequence[Row], disable_tqdm: bool = True) -> list[tuple[float, bool]]:
+        """Sum of target log-probs and whether every target is the argmax, per row."""
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        for members, *arrays in self._batches(rows, disable_tqdm):
+            logp, greedy, depth = jax.device_get(self._score(self._params, *arrays))
             for r, i in enumerate(members):
                 results[i] = (float(logp[r]), bool(greedy[r]))
+                self.depth_total += float(depth[r])
+                self.depth_tokens += len(rows[i][1])
         return results
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
@@ -252,8 +289,27 @@ class OuroLM(TemplateLM):
                            stop_tokens=stop_ids, pad_id=tok.ENDOFTEXT_ID, **sampling)
             for r, i in enumerate(members):
                 tokens = [int(t) for t in out.tokens[r, :out.lengths[r]]]
+                self.depth_total += float(np.sum(out.exit_loops[r, :out.lengths[r]]))
+                self.depth_tokens += int(out.lengths[r])
                 texts[i] = _cut(self.tok_decode(_until_stop(tokens, tok.STOP_IDS)), until)
         return texts
+
+
+def default_prefix_token_id(path: str, tokenizer) -> int:
+    """The prefix token lm-eval's `hf` model uses for the Hugging Face directory `path`: the tokenizer's
+    bos_token when its tokenizer_config.json sets one, else its eos_token (the `hf` model's end-of-text
+    token); <|endoftext|> when there is no tokenizer_config.json (a run directory)."""
+    config_path = os.path.join(path, "tokenizer_config.json")
+    if not os.path.isfile(config_path):
+        return tok.ENDOFTEXT_ID
+    with open(config_path) as f:
+        config = json.load(f)
+    for key in ("bos_token", "eos_token"):
+        token = config.get(key)
+        token = token.get("content") if isinstance(token, dict) else token
+        if token is not None and tokenizer.token_to_id(token) is not None:
+            return tokenizer.token_to_id(token)
+    return tok.ENDOFTEXT_ID
 
 
 def _has_tokenizer_file(path: str) -> bool:
