@@ -7,7 +7,6 @@ import nbformat
 import papermill
 import pytest
 
-pytestmark = pytest.mark.slow  # runs the notebook in a kernel process
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "ouro_colab.ipynb")
