@@ -7,7 +7,6 @@ import nbformat
 import papermill
 import pytest
 
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "notebooks", "ouro_colab.ipynb")
 
