@@ -8,7 +8,7 @@ import pytest
 
 from ouro_jax.inference import generate, left_pad
 from ouro_jax.rl import replay
-from ouro_jax.rl.exactness import RAGGED, STOP_TOKENS, sharp_model
+from ouro_jax.rl.exactness import RAGGED, rollout, sharp_model
 
 TOL = 1e-5  # max |Δ log-prob|, float32 on CPU
 NEW = 16
@@ -21,16 +21,10 @@ def model():
     return sharp_model()
 
 
-def _rollout(model, rows, q, kv_sharing, skipped_kv, **kwargs):
-    ids, lengths = left_pad(rows)
-    out = generate(model, ids, NEW, prompt_lengths=lengths, exit_threshold=q, kv_sharing=kv_sharing,
-                   skipped_kv=skipped_kv, temperature=TEMPERATURE, seed=list(range(len(rows))),
-                   stop_tokens=STOP_TOKENS, output_loop_logits=True, **kwargs)
-    return ids, lengths, out
-
-
 def _check_replay(model, rows, q, kv_sharing, skipped_kv):
-    ids, lengths, out = _rollout(model, rows, q, kv_sharing, skipped_kv)
+    ids, lengths, out = rollout(model, rows, NEW, TEMPERATURE, 0, exit_threshold=q, kv_sharing=kv_sharing,
+                                skipped_kv=skipped_kv)
+    assert (out.exit_loops[0] == 0).any()  # the first row stopped: its tail is masked, not replayed
     recorded = replay.rollout_logprobs(out, TEMPERATURE)
     cols = replay.columns(ids, lengths, out.tokens, out.exit_loops, model.config.total_ut_steps)
     replayed = replay.replay_jit(model, cols, ids.shape[1], TEMPERATURE, skipped_kv=skipped_kv,
@@ -42,13 +36,11 @@ def _check_replay(model, rows, q, kv_sharing, skipped_kv):
     last, mixture = replay.fixed_depth_logprobs(model, cols, ids.shape[1], TEMPERATURE)
     assert np.abs(np.asarray(last) - recorded)[mask].max() > 100 * TOL
     assert np.abs(np.asarray(mixture) - recorded)[mask].max() > 100 * TOL
-    return out
 
 
 @pytest.mark.slow
 def test_replay_equals_rollout_project_batch5_ragged(model):
-    out = _check_replay(model, RAGGED, 0.5, "none", "project")
-    assert (out.exit_loops == 0).any()  # a row stopped early: its tail is masked, not replayed
+    _check_replay(model, RAGGED, 0.5, "none", "project")
 
 
 @pytest.mark.slow

@@ -1,11 +1,12 @@
 """E0, replay exactness: `python -m ouro_jax.rl.exactness [--init_from=DIR]` prints a markdown table.
 
 For every decode setting (kv_sharing "none" with skipped_kv compute / copy / project; kv_sharing "last"
-and "average"), Q-exit thresholds q and batch sizes it samples rollouts with `generate` (ragged prompts,
-`STOP_TOKENS`), replays them (`replay.replay_jit`) and compares each token's log-prob with the sampler's
-record (`replay.rollout_logprobs`): max |Δ| over generated tokens. Beside it: how many exits would flip
-if the trainer recomputed them from the replayed gates instead of replaying them, and the mismatch a
-fixed-depth trainer would see on the same tokens (last loop; the exit-pdf mixture), max and mean |Δ|.
+and "average"), Q-exit thresholds q and batch sizes it samples rollouts with `generate` (`rollout`:
+ragged prompts, the first row stopping halfway), replays them (`replay.replay_jit`) and compares each
+token's log-prob with the sampler's record (`replay.rollout_logprobs`): max |Δ| over generated tokens.
+Beside it: how many exits would flip if the trainer recomputed them from the replayed gates instead of
+replaying them, and the mismatch a fixed-depth trainer would see on the same tokens (last loop; the
+exit-pdf mixture), max and mean |Δ|.
 Without --init_from the model is a seeded random `tiny` Ouro whose gate and LM head are scaled up
 (`sharp_model`) so that tokens exit after every loop and the distributions are far from uniform.
 """
@@ -28,7 +29,6 @@ RAGGED = ([5, 17, 3], [9, 8, 7, 6, 5, 4, 3, 2, 1], [40, 41, 42, 43, 44], [60, 2,
           [7, 77, 70, 33, 3, 1])
 SETTINGS = (("none", "compute"), ("none", "copy"), ("none", "project"), ("last", "copy"),
             ("average", "copy"))  # (kv_sharing, skipped_kv); sharing runs as "copy" in generate
-STOP_TOKENS = tuple(range(3, 128, 8))  # an eighth of tiny's vocabulary: most rows stop early
 
 
 def sharp_model(seed: int = 1):
@@ -45,19 +45,30 @@ def sharp_model(seed: int = 1):
     return model
 
 
+def rollout(model, rows, new_tokens: int, temperature: float, seed: int, **kwargs):
+    """Sampled rollouts of `rows` where the first row stops halfway: a first `generate` picks its token
+    at new_tokens // 2 as the stop token of the second (same seeds, so the same tokens up to the stop;
+    the stop set is traced, so no recompilation) -> (input_ids, prompt_lengths, GenerateOutput with
+    loop_logits)."""
+    from ouro_jax.inference import generate, left_pad
+
+    ids, lengths = left_pad(rows)
+    run = lambda stop: generate(model, ids, new_tokens, prompt_lengths=lengths, temperature=temperature,
+                                seed=list(range(seed, seed + len(rows))), stop_tokens=stop,
+                                output_loop_logits=True, **kwargs)
+    return ids, lengths, run([int(run(()).tokens[0, new_tokens // 2])])
+
+
 def measure(model, rows, new_tokens: int, q: float, kv_sharing: str, skipped_kv: str, temperature: float,
             seed: int) -> dict:
     """One rollout batch and its replay -> {"tokens", "mean_loops", "replay_max", "exit_flips",
     "last_max", "last_mean", "mixture_max", "mixture_mean"} (|Δ| log-prob against the record)."""
 
-    from ouro_jax.inference import generate, left_pad
     from ouro_jax.model import exits
     from ouro_jax.rl import replay
 
-    ids, lengths = left_pad(rows)
-    out = generate(model, ids, new_tokens, prompt_lengths=lengths, exit_threshold=q, kv_sharing=kv_sharing,
-                   skipped_kv=skipped_kv, temperature=temperature, seed=list(range(seed, seed + len(rows))),
-                   stop_tokens=STOP_TOKENS, output_loop_logits=True)
+    ids, lengths, out = rollout(model, rows, new_tokens, temperature, seed, exit_threshold=q,
+                                kv_sharing=kv_sharing, skipped_kv=skipped_kv)
     recorded = replay.rollout_logprobs(out, temperature)
     t = model.config.total_ut_steps
     cols = replay.columns(ids, lengths, out.tokens, out.exit_loops, t)
