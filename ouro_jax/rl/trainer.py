@@ -219,7 +219,7 @@ def rl_step(c, graphdef, params, opt_state, ref_params, update, step: int):
 def _save(manager, step: int, params, opt_state) -> None:
     manager.save(step, force=True, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params),
-        train=ocp.args.StandardSave({"step": np.int32(step), "opt_state": opt_state})))
+        train=ocp.args.StandardSave({"step": np.asarray(step, np.int32), "opt_state": opt_state})))
 
 
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -246,7 +246,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
         if resumed is not None:
             restored = manager.restore(resumed, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(params),
-                train=ocp.args.StandardRestore({"step": np.int32(0), "opt_state": opt_state})))
+                train=ocp.args.StandardRestore({"step": np.asarray(0, np.int32), "opt_state": opt_state})))
             params, opt_state = restored["params"], restored["train"]["opt_state"]
             print(f"resumed from step {resumed}", file=sys.stderr)
             with open(summary_path) as f:
