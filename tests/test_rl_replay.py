@@ -31,24 +31,26 @@ def _check_replay(model, rows, q, kv_sharing, skipped_kv):
                                  kv_sharing=kv_sharing)
     mask = out.exit_loops > 0
     np.testing.assert_array_less(np.abs(np.asarray(replayed.logprobs) - recorded)[mask], TOL)
-    assert len(set(out.exit_loops[mask].tolist())) >= 2  # Q-exit depths vary
     # A fixed-depth trainer (last loop, as ouro_rl trains) scores the same tokens very differently.
     last, mixture = replay.fixed_depth_logprobs(model, cols, ids.shape[1], TEMPERATURE)
     assert np.abs(np.asarray(last) - recorded)[mask].max() > 100 * TOL
     assert np.abs(np.asarray(mixture) - recorded)[mask].max() > 100 * TOL
+    return set(out.exit_loops[mask].tolist())
 
 
 @pytest.mark.slow
 def test_replay_equals_rollout_project_batch5_ragged(model):
-    _check_replay(model, RAGGED, 0.5, "none", "project")
+    assert len(_check_replay(model, RAGGED, 0.5, "none", "project")) >= 2  # Q-exit depths vary
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("kv_sharing,skipped_kv", SETTINGS)
 def test_replay_equals_rollout(model, kv_sharing, skipped_kv, batch):
+    depths = set()
     for q in (0.3, 0.7):
-        _check_replay(model, RAGGED[1:2] if batch == 1 else RAGGED, q, kv_sharing, skipped_kv)
+        depths |= _check_replay(model, RAGGED[1:2] if batch == 1 else RAGGED, q, kv_sharing, skipped_kv)
+    assert len(depths) >= 2  # Q-exit depths vary
 
 
 @pytest.mark.slow

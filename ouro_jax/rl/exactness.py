@@ -46,17 +46,19 @@ def sharp_model(seed: int = 1):
 
 
 def rollout(model, rows, new_tokens: int, temperature: float, seed: int, **kwargs):
-    """Sampled rollouts of `rows` where the first row stops halfway: a first `generate` picks its token
-    at new_tokens // 2 as the stop token of the second (same seeds, so the same tokens up to the stop;
-    the stop set is traced, so no recompilation) -> (input_ids, prompt_lengths, GenerateOutput with
-    loop_logits)."""
+    """Sampled rollouts of `rows` where the first row stops in its second half: a first `generate` picks
+    that row's first token from new_tokens // 2 on that it had not generated before as the stop token of
+    the second (same seeds, so the same tokens up to the stop; the stop set is traced, so no
+    recompilation) -> (input_ids, prompt_lengths, GenerateOutput with loop_logits)."""
     from ouro_jax.inference import generate, left_pad
 
     ids, lengths = left_pad(rows)
     run = lambda stop: generate(model, ids, new_tokens, prompt_lengths=lengths, temperature=temperature,
                                 seed=list(range(seed, seed + len(rows))), stop_tokens=stop,
                                 output_loop_logits=True, **kwargs)
-    return ids, lengths, run([int(run(()).tokens[0, new_tokens // 2])])
+    first = run(()).tokens[0].tolist()
+    half = new_tokens // 2
+    return ids, lengths, run([t for t in first[half:] if t not in first[:half]][:1])
 
 
 def measure(model, rows, new_tokens: int, q: float, kv_sharing: str, skipped_kv: str, temperature: float,
