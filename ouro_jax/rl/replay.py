@@ -56,7 +56,7 @@ class Columns:
     bool (not left padding); exit_index [B, S] int32 the loop index whose state a column's readout uses
     (T - 1 for prompt columns before the last); kv_exit [B, S] int32 the last loop with real K/V for
     later columns (T - 1 for prompt columns); decoded [B, S] bool fed-back columns; targets [B, S] int32
-    the token each column produced (0 where none); produced [B, S] bool columns that produced a token.
+    the token each column produced (0 where none).
     """
 
     ids: jax.Array
@@ -66,7 +66,6 @@ class Columns:
     kv_exit: jax.Array
     decoded: jax.Array
     targets: jax.Array
-    produced: jax.Array
 
 
 def columns(input_ids, prompt_lengths, tokens, exit_loops, num_loops: int) -> Columns:
@@ -85,7 +84,6 @@ def columns(input_ids, prompt_lengths, tokens, exit_loops, num_loops: int) -> Co
     full = np.full((b, p - 1), num_loops - 1, np.int32)
     pad = (p - lengths)[:, None]
     column = np.arange(p + m - 1)[None]
-    produced = np.concatenate([np.zeros((b, p - 1), bool), exit_loops > 0], axis=1)
     return Columns(
         ids=jnp.asarray(np.concatenate([ids, tokens[:, :-1]], axis=1)),
         positions=jnp.asarray(np.maximum(column - pad, 0).astype(np.int32)),
@@ -93,8 +91,7 @@ def columns(input_ids, prompt_lengths, tokens, exit_loops, num_loops: int) -> Co
         exit_index=jnp.asarray(np.concatenate([full, exit_index], axis=1)),
         kv_exit=jnp.asarray(np.concatenate([full, np.full((b, 1), num_loops - 1), exit_index[:, 1:]], 1)),
         decoded=jnp.asarray(column >= p),
-        targets=jnp.asarray(np.concatenate([np.zeros((b, p - 1), np.int32), tokens], axis=1)),
-        produced=jnp.asarray(produced))
+        targets=jnp.asarray(np.concatenate([np.zeros((b, p - 1), np.int32), tokens], axis=1)))
 
 
 def generated(x: jax.Array, prompt_width: int, axis: int = -1) -> jax.Array:

@@ -16,7 +16,6 @@ token; `WORKDIR/summary.json` holds the base and final values.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -76,17 +75,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
            "trained, under Q-exit): not yet")
     _check(c.eval_prompts >= 1, "eval_prompts", "must be >= 1")
     rewards.get(rl.reward)
-
-
-@dataclasses.dataclass
-class Setup:
-    """What a run holds across steps (host side)."""
-
-    graphdef: nnx.GraphDef
-    task_train: object
-    task_eval: object
-    reward: object
-    answer_length: int
 
 
 def _model(c) -> Ouro:
