@@ -1,0 +1,285 @@
+"""The on-policy RL loop: `train(config, workdir)` (`python -m ouro_jax.rl`).
+
+Each step: P prompts of the task's training stream (examples step * P .. step * P + P - 1, a pure function
+of the step, so resuming needs no data-iterator state) -> G rollouts each with `generate` on the current
+parameters (colocated: no weight copy, no staleness), per-row sampler seeds drawn from (seed, step) ->
+rewards -> group advantages, zero-variance groups dropped -> one jitted update whose log-probs come from
+the exit replay (`replay.replay`) under the rollouts' recorded exits -> metrics. The run directory, lock,
+config record and TensorBoard / metrics.jsonl are those of `python -m ouro_jax.train` (`ouro_jax.run`,
+`train.metrics`); SIGTERM / SIGINT save at the step boundary and raise `loop.Interrupted`; rerunning the
+command resumes from the latest checkpoint (params, optimiser state, step) and continues bit-identically.
+
+Held-out evaluation (before the first step and every `eval_every_steps`): greedy rollouts under the same
+exit policy on `eval_prompts` examples of the held-out stream: exact-match accuracy and mean loops per
+token; `WORKDIR/summary.json` holds the base and final values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from ouro_jax import run
+from ouro_jax.data.tasks import TASKS
+from ouro_jax.inference import generate, left_pad
+from ouro_jax.model.config import OuroConfig
+from ouro_jax.model.ouro import Ouro
+from ouro_jax.rl import losses, replay, rewards
+from ouro_jax.train import metrics as metrics_lib
+from ouro_jax.train.loop import Interrupted, TrainingDiverged, _StopRequests
+from ouro_jax.train.optimizer import make_optimizer
+
+TRAIN_STREAM, HELD_OUT_STREAM = 0, 1
+
+
+class ConfigError(ValueError):
+    """An invalid RL config (one line)."""
+
+
+def _check(condition: bool, key: str, why: str) -> None:
+    if not condition:
+        raise ConfigError(f"config.{key}: {why}")
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Every user mistake in the config, before anything compiles."""
+    rl = c.rl
+    _check(c.total_steps >= 1, "total_steps", "must be >= 1")
+    _check(c.data.source in TASKS, "data.source", f"must be one of {sorted(TASKS)} (text: not yet)")
+    _check(rl.prompts_per_step >= 1 and rl.group_size >= 2, "rl.group_size",
+           "need prompts_per_step >= 1 and group_size >= 2 (a group baseline needs two samples)")
+    _check(rl.temperature > 0, "rl.temperature", "must be > 0 (on-policy sampling)")
+    _check(rl.exit_policy in ("q_exit", "full"), "rl.exit_policy",
+           "must be 'q_exit' or 'full' ('sample' needs the decoder to sample exits and record "
+           "exit_logprobs: not yet)")
+    _check(0.0 <= rl.exit_threshold <= 1.0, "rl.exit_threshold", "must lie in [0, 1]")
+    _check(rl.skipped_kv in replay.SKIPPED_KV, "rl.skipped_kv", f"must be one of {replay.SKIPPED_KV}")
+    _check(rl.kv_sharing in replay.SHARING, "rl.kv_sharing", f"must be one of {replay.SHARING}")
+    _check(rl.loss in losses.LOSSES, "rl.loss", f"must be one of {losses.LOSSES}")
+    _check(rl.std in losses.STD_MODES, "rl.std", f"must be one of {losses.STD_MODES}")
+    _check(rl.aggregation in losses.AGGREGATIONS, "rl.aggregation", f"must be one of {losses.AGGREGATIONS}")
+    _check(rl.credit in losses.CREDITS, "rl.credit", f"must be one of {losses.CREDITS}")
+    _check(rl.kl_coef >= 0, "rl.kl_coef", "must be >= 0")
+    _check(rl.depth_cost == 0, "rl.depth_cost", "needs exit_policy 'sample' (depth is replayed, not "
+           "trained, under Q-exit): not yet")
+    _check(c.eval_prompts >= 1, "eval_prompts", "must be >= 1")
+    rewards.get(rl.reward)
+
+
+def _model(c) -> Ouro:
+    if c.init_from:
+        from ouro_jax.convert.pretrained import from_pretrained
+
+        return from_pretrained(c.init_from)
+    return Ouro(OuroConfig(**c.model.to_dict()), rngs=nnx.Rngs(c.seed))
+
+
+def _task(c, stream: int):
+    return TASKS[c.data.source](n=c.data.seq_len, seed=c.seed, stream=stream,
+                                **c.data[c.data.source].to_dict())
+
+
+def prompts(task, start: int, count: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Examples start .. start + count - 1 of `task` as (prompts, answers) (`rewards.task_prompts`)."""
+    return rewards.task_prompts(task.batch(range(start, start + count)))
+
+
+def _generate(model, c, rows, seeds, temperature):
+    """Rollouts of `rows` (token lists) -> (input_ids [R, data.seq_len] left-padded, prompt_lengths,
+    GenerateOutput with loop logits)."""
+    ids, lengths = left_pad(rows)
+    ids = np.pad(ids, ((0, 0), (c.data.seq_len - ids.shape[1], 0)))  # one width: one compilation
+    rl = c.rl
+    out = generate(model, ids, _answer_length(c), prompt_lengths=lengths,
+                   exit_threshold=rl.exit_threshold if rl.exit_policy == "q_exit" else None,
+                   skipped_kv=rl.skipped_kv, kv_sharing=rl.kv_sharing, temperature=temperature,
+                   seed=seeds, output_loop_logits=True)
+    return ids, lengths, out
+
+
+def _answer_length(c) -> int:
+    return len(prompts(_task(c, HELD_OUT_STREAM), 0, 1)[1][0])
+
+
+def evaluate(model, c) -> dict[str, float]:
+    """Greedy held-out exact match and mean loops per token under the run's exit policy."""
+    rows, answers = prompts(_task(c, HELD_OUT_STREAM), 0, c.eval_prompts)
+    _, _, out = _generate(model, c, rows, 0, 0.0)
+    correct = [rewards.exact_match(t.tolist(), a) for t, a in zip(out.tokens, answers, strict=True)]
+    return {"accuracy": float(np.mean(correct)), "mean_loops": float(out.stats.mean_depth)}
+
+
+def _update_fn(graphdef, c, prompt_width: int, tx):
+    """The jitted update: (params, opt_state, ref_params, cols, old_logp, advantage, mask, generated)
+    -> (params, opt_state, metrics). mask [B, M]: the tokens in the loss; generated: every token."""
+    rl = c.rl
+
+    def policy_logp(out: replay.Replayed, exit_index):
+        if rl.credit == "exit":
+            return out.logprobs
+        return losses.loop_credit(out.loop_logprobs, exit_index, rl.credit, out.gate_logits)
+
+    def loss_fn(params, ref_params, cols, old_logp, advantage, mask, generated):
+        settings = dict(skipped_kv=rl.skipped_kv, kv_sharing=rl.kv_sharing)
+        out = replay.replay(nnx.merge(graphdef, params), cols, prompt_width, rl.temperature, **settings)
+        exit_index = replay.generated(cols.exit_index, prompt_width)
+        logp = policy_logp(out, exit_index)
+        # per-loop credit is an on-policy surrogate (RLTT): its ratio is 1 by construction
+        old = old_logp if rl.credit == "exit" else jax.lax.stop_gradient(logp)
+        loss, stats = losses.policy_loss(logp, old, advantage, mask, kind=rl.loss, eps_low=rl.eps_low,
+                                         eps_high=rl.eps_high, cispo_max=rl.cispo_max, how=rl.aggregation)
+        # sampler vs trainer over every generated token (zero-variance groups included)
+        gap = jnp.abs(out.logprobs - old_logp) * generated
+        stats["mismatch_max"] = jnp.max(gap)
+        stats["mismatch_mean"] = jnp.sum(gap) / jnp.maximum(jnp.sum(generated), 1.0)
+        if rl.kl_coef > 0:
+            ref = replay.replay(nnx.merge(graphdef, ref_params), cols, prompt_width, rl.temperature,
+                                **settings)
+            kl = losses.aggregate(losses.k3_kl(out.logprobs, jax.lax.stop_gradient(ref.logprobs)), mask,
+                                  rl.aggregation)
+            stats["kl"] = kl
+            loss = loss + rl.kl_coef * kl
+        stats["loss"] = loss
+        return loss, stats
+
+    @jax.jit
+    def update(params, opt_state, ref_params, cols, old_logp, advantage, mask, generated):
+        grads, stats = jax.grad(loss_fn, has_aux=True)(params, ref_params, cols, old_logp, advantage, mask,
+                                                       generated)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        stats["grad_norm"] = optax.global_norm(grads)
+        return optax.apply_updates(params, updates), opt_state, stats
+
+    return update
+
+
+def _seeds(c, step: int, rows: int) -> list[int]:
+    """The sampler's per-row seeds of a step: a pure function of (seed, step), so a resumed run samples
+    exactly what the uninterrupted one did."""
+    return np.random.default_rng([c.seed, step]).integers(0, 2**31 - 1, rows).tolist()
+
+
+def rl_step(c, graphdef, params, opt_state, ref_params, update, step: int):
+    """One step: rollouts, rewards, advantages, update -> (params, opt_state, metrics dict)."""
+    rl = c.rl
+    p, g = rl.prompts_per_step, rl.group_size
+    rows, answers = prompts(_task(c, TRAIN_STREAM), step * p, p)
+    start = time.perf_counter()
+    ids, lengths, out = _generate(nnx.merge(graphdef, params), c, [r for r in rows for _ in range(g)],
+                                  _seeds(c, step, p * g), rl.temperature)
+    rollout_s = time.perf_counter() - start
+    reward_fn = rewards.get(rl.reward)
+    r = np.array([reward_fn(t.tolist(), answers[i // g]) for i, t in enumerate(out.tokens)]).reshape(p, g)
+    flat = jnp.asarray(r, jnp.float32)
+    keep = ~np.asarray(losses.zero_variance(flat))
+    advantage = np.asarray(losses.advantages(flat, rl.std)).reshape(-1)
+    mask = (out.exit_loops > 0) & np.repeat(keep, g)[:, None]
+    old_logp = replay.rollout_logprobs(out, rl.temperature)
+    cols = replay.columns(ids, lengths, out.tokens, out.exit_loops, nnx.merge(graphdef, params).config
+                          .total_ut_steps)
+    start = time.perf_counter()
+    generated = out.exit_loops > 0
+    params, opt_state, stats = update(params, opt_state, ref_params, cols, jnp.asarray(old_logp),
+                                      jnp.asarray(advantage, jnp.float32), jnp.asarray(mask, jnp.float32),
+                                      jnp.asarray(generated, jnp.float32))
+    stats = {k: float(v) for k, v in jax.device_get(stats).items()}
+    update_s = time.perf_counter() - start
+    correct = [rewards.exact_match(t.tolist(), answers[i // g]) for i, t in enumerate(out.tokens)]
+    return params, opt_state, {
+        **stats, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
+        "accuracy": float(np.mean(correct)), "mean_loops": float(out.exit_loops[generated].mean()),
+        "zero_variance_fraction": float(1.0 - keep.mean()),
+        "rollout_tokens_per_s": float(generated.sum() / rollout_s), "rollout_s": rollout_s,
+        "update_s": update_s}
+
+
+def _save(manager, step: int, params, opt_state) -> None:
+    manager.save(step, force=True, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        train=ocp.args.StandardSave({"step": np.asarray(step, np.int32), "opt_state": opt_state})))
+
+
+def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Run (or resume) the RL run in `workdir`; returns the last logged record. Raises ConfigError /
+    run.RunError before compiling, `Interrupted` after a signal-triggered save, `TrainingDiverged` on a
+    non-finite loss."""
+    validate(c)
+    run.check_resume(workdir, c)
+    os.makedirs(workdir, exist_ok=True)
+    with run.lock(workdir):
+        run.check_resume(workdir, c)
+        model = _model(c)
+        graphdef, state = nnx.split(model)
+        params = nnx.to_pure_dict(state)
+        tx = make_optimizer(c.optimizer.to_dict(), c.total_steps, params, stage=1)
+        opt_state = tx.init(params)
+        ref_params = params if c.rl.kl_coef > 0 else None
+        manager = ocp.CheckpointManager(run.checkpoint_dir(workdir), item_names=("params", "train"),
+                                        options=ocp.CheckpointManagerOptions(
+                                            max_to_keep=c.max_checkpoints_to_keep or None, create=True,
+                                            enable_async_checkpointing=False))
+        resumed = manager.latest_step()
+        summary_path = os.path.join(workdir, "summary.json")
+        if resumed is not None:
+            restored = manager.restore(resumed, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(params),
+                train=ocp.args.StandardRestore({"step": np.asarray(0, np.int32), "opt_state": opt_state})))
+            params, opt_state = restored["params"], restored["train"]["opt_state"]
+            print(f"resumed from step {resumed}", file=sys.stderr)
+            with open(summary_path) as f:
+                summary = json.load(f)
+        else:
+            base = evaluate(model, c)
+            summary = {"base_accuracy": base["accuracy"], "base_mean_loops": base["mean_loops"]}
+            _write_json(summary_path, summary)
+        run.record_config(workdir, c, step=resumed or 0)
+        writer = metrics_lib.MetricsWriter(workdir, resumed_step=resumed)
+        stop = _StopRequests()
+        update = _update_fn(graphdef, c, c.data.seq_len, tx)
+        step, record = resumed or 0, {}
+        try:
+            while step < c.total_steps:
+                params, opt_state, logged = rl_step(c, graphdef, params, opt_state, ref_params, update, step)
+                step += 1
+                if not math.isfinite(logged["loss"]):
+                    raise TrainingDiverged(f"loss is {logged['loss']} at step {step}")
+                if c.eval_every_steps and (step % c.eval_every_steps == 0 or step == c.total_steps):
+                    held_out = evaluate(nnx.merge(graphdef, params), c)
+                    logged.update({f"eval_{k}": v for k, v in held_out.items()})
+                if step % c.log_every_steps == 0 or step == c.total_steps or "eval_accuracy" in logged:
+                    writer.write(step, logged)
+                    record = {"step": step, **logged}
+                stopping = stop.check()
+                if stopping or step == c.total_steps or (
+                        c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0):
+                    _save(manager, step, params, opt_state)
+                if stopping:
+                    raise Interrupted(stop.requested or "signal", step)
+        finally:
+            stop.close()
+            writer.close()
+            manager.wait_until_finished()
+            manager.close()
+        final = evaluate(nnx.merge(graphdef, params), c)
+        summary.update(final_accuracy=final["accuracy"], final_mean_loops=final["mean_loops"])
+        _write_json(summary_path, summary)
+        return record
+
+
+def _write_json(path: str, data: dict) -> None:
+    """Write atomically (a temporary file renamed), so a kill never leaves half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
+
