@@ -1,10 +1,14 @@
 """Chat SFT: ChatML rendering and trained-token masks (ouro_jax.tokenizer) against Hugging Face's, chat
 jsonl reading, and chat data in the packed pipeline."""
 
+import collections
+import json
 
+import numpy as np
 import pytest
 
 from ouro_jax import tokenizer as tk
+from ouro_jax.data import pipeline
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 TURNS = [
@@ -73,3 +77,95 @@ def test_mask_by_hand_on_bytes():
 def test_bad_conversations(ouro, messages, why):
     with pytest.raises(ValueError, match=why):
         tk.encode_chat_for_training(ouro, messages)
+
+
+# Chat data in the pipeline ----------------------------------------------------------------------------
+
+S = 96
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chats")
+    rng = np.random.default_rng(0)
+    conversations = []
+    for i in range(40):
+        turns = [SYSTEM] if i % 3 == 0 else []
+        for _ in range(1 + i % 2):
+            turns += [{"role": "user", "content": f"q{rng.integers(1000)}"},
+                      {"role": "assistant", "content": "a" * int(rng.integers(1, 9))}]
+        conversations.append(turns)
+    messages = _write_jsonl(root / "m.jsonl", [{"messages": c} for c in conversations[:30]])
+    pairs = _write_jsonl(root / "p.jsonl", [{"prompt": c[-2]["content"], "completion": c[-1]["content"]}
+                                            for c in conversations[30:]])
+    as_pairs = [c[-2:] for c in conversations[30:]]
+    return {"files": [messages, pairs], "conversations": conversations[:30] + as_pairs}
+
+
+def chat_config(files, **overrides):
+    data = {"source": "chat", "seq_len": S, "batch_size": 4, "tokenizer": "bytes", "num_epochs": 1,
+            "eval_fraction": 0.0, "chat": {"files": files}}
+    return {**data, **overrides}
+
+
+def _segments(batches):
+    """Every packed segment as (input_ids, targets, loss_mask) tuples; checks positions restart."""
+    found = collections.Counter()
+    for b in batches:
+        for row in range(b["input_ids"].shape[0]):
+            seg = b["segment_ids"][row]
+            assert not b["loss_mask"][row][seg == 0].any()
+            for k in range(1, seg.max() + 1):
+                at = seg == k
+                np.testing.assert_array_equal(b["positions"][row][at], np.arange(at.sum()))
+                keys = ("input_ids", "targets", "loss_mask")
+                found[tuple(tuple(b[key][row][at].tolist()) for key in keys)] += 1
+    return found
+
+
+def test_chat_packing_carries_the_assistant_mask(chats):
+    tokenizer = tk.load("bytes")
+    batches = list(pipeline.build_train_dataset(chat_config(chats["files"]), seed=0))
+    want = collections.Counter()
+    for messages in chats["conversations"]:
+        text = tk.format_chat(messages, add_generation_prompt=False)
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        # the target at i is token i + 1; it is trained when it lies in an assistant span (by hand:
+        # byte-level, one token per character outside the ChatML markers)
+        trained = [0] * len(ids)
+        pos = 0
+        for m in messages:
+            header = len(tokenizer.encode(f"<|im_start|>{m['role']}\n").ids)
+            body = len(tokenizer.encode(m["content"], add_special_tokens=False).ids) + 1
+            if m["role"] == "assistant":
+                trained[pos + header:pos + header + body] = [1] * body
+            pos += header + body + 1
+        assert pos == len(ids)
+        want[(tuple(ids), tuple([*ids[1:], 0]), tuple([*trained[1:], 0]))] += 1
+    assert _segments(batches) == want
+    assert sum(b["segment_ids"].max(axis=1).sum() for b in batches) == len(chats["conversations"])
+
+
+def test_overflow_truncate_and_drop_counts(tmp_path):
+    long = [{"role": "user", "content": "x" * (S - 20)}, {"role": "assistant", "content": "y" * 30}]
+    masked_out = [{"role": "user", "content": "x" * (S + 5)}, {"role": "assistant", "content": "y"}]
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    path = _write_jsonl(tmp_path / "c.jsonl", [{"messages": c} for c in (long, masked_out, short, short)])
+    cfg = pipeline.resolve_config(chat_config(path))
+    corpus = pipeline.chat_corpus(cfg)
+    assert (corpus.total, corpus.truncated, corpus.dropped_long, corpus.dropped_untrained) == (4, 2, 0, 1)
+    # by hand, byte-level: "<|im_start|>user\\n" is 6 tokens, "<|im_start|>assistant\\n" 11, so the long
+    # conversation's assistant content starts at token 6 + 76 + 2 + 11 = 95; the cut keeps tokens 0..S
+    assert [len(x) for x in corpus.ids] == [S + 1, 25, 25]  # the token after the cut stays a target
+    rows = list(pipeline.build_train_dataset(chat_config(path), seed=0))
+    assert sum(int(b["loss_mask"].sum()) for b in rows) == 2 + 3 + 3  # "yy" | "yo<|im_end|>" twice
+    assert "3 of 4 conversations kept; longer than seq_len: 2 (truncate); dropped with no trained token " \
+           "left: 1" in corpus.summary("truncate")
+    dropped = pipeline.chat_corpus(pipeline.resolve_config(chat_config(path, chat={"files": path,
+                                                                                   "overflow": "drop"})))
+    assert (dropped.total, dropped.truncated, dropped.dropped_long, dropped.dropped_untrained) == (4, 0, 2, 0)

@@ -10,7 +10,8 @@ S = data.seq_len):
   answer_mask  1 where the target is a task answer (task accuracy); all zeros for text.
 
 Config keys (`default_config()`; `data` may hold any subset, unknown keys are an error):
-  source        a task of `tasks.TASKS` ("phop", "addition", "igsm", "facts"), "text" or "array_record".
+  source        a task of `tasks.TASKS` ("phop", "addition", "igsm", "facts"), "text", "chat" or
+                "array_record".
   seq_len       S, the row length (also the p-hop sequence length n).                 default 32
   batch_size    global rows per step, split evenly over processes.                    default 128
   num_workers   Grain worker processes (0 = in process; same batches either way).     default 0
@@ -32,11 +33,18 @@ Config keys (`default_config()`; `data` may hold any subset, unknown keys are an
   text.files    .txt / .jsonl paths or globs: one comma-separated string (a single CLI flag) or a
                 list; "kjv" = `kjv_path()`.
   text.field    the text field of .jsonl lines.                                       default "text"
-  text.group_by None: one document per .jsonl line; a list of fields (e.g. ["book", "chapter"]):
-                consecutive lines with equal values form one document, lines joined by "\\n".
-                A .txt file holds one document per blank-line-separated paragraph.
+  text.group_by None: one document per .jsonl line (the "kjv" corpus: one per chapter); a list of
+                fields (e.g. ["book", "chapter"]): consecutive lines with equal values form one
+                document, lines joined by "\\n". A .txt file holds one document per paragraph.
+  chat.files    conversation .jsonl paths or globs (formats: `chat`), comma-separated or a list;
+                "generated" = `chat.generated_conversations()`.
+  chat.mask     trained tokens: "assistant" (each assistant turn's content and <|im_end|>),
+                "last_assistant" or "all" (`tokenizer.encode_chat_for_training`). default "assistant"
+  chat.overflow a conversation longer than seq_len: "truncate" or "drop" (counts logged). default "truncate"
   array_record.paths  glob(s) or directory of shards written by `ouro_jax.data.prepare`.
 
+Conversations are rendered in ChatML and tokenised once (`chat.load_corpus`, when the config is validated);
+each is one segment, its targets the next token, its loss mask the trained-token mask of the target.
 Text documents are tokenised without special tokens and get EOS appended; targets are the next token
 within the document. A document longer than S is split into chunks of S tokens, each its own segment; a
 chunk's last target is still the document's next token. Finite corpora are split once into training and
@@ -64,13 +72,15 @@ import os
 import grain
 import ml_collections
 import numpy as np
+from absl import logging
 
 from ouro_jax import tokenizer as tok
+from ouro_jax.data import chat
 from ouro_jax.data.tasks import TASKS
 
 FEATURES = ("input_ids", "targets", "loss_mask", "answer_mask")  # packed per document
 BATCH_KEYS = (*FEATURES, "segment_ids", "positions")
-SOURCES = ("text", "array_record", *TASKS)
+SOURCES = ("text", "chat", "array_record", *TASKS)
 TRAIN, HELDOUT = 0, 1  # task streams
 _SPLIT_SEED = 20251028  # fixes the held-out documents of a corpus independently of the training seed
 
@@ -85,6 +95,7 @@ def default_config() -> ml_collections.ConfigDict:
         "igsm": {"variables": 8, "depth": 3, "modulus": 7, "names": 16},
         "facts": {"first_names": 32, "last_names": 32, "attributes": 32, "values": 64, "world_seed": 0},
         "text": {"files": "", "field": "text", "group_by": None},
+        "chat": {"files": "", "mask": "assistant", "overflow": "truncate"},
         "array_record": {"paths": ""},
     })
 
@@ -140,14 +151,22 @@ def kjv_path() -> str:
     return path
 
 
-def _expand(patterns, what: str) -> list[str]:
-    """Paths or globs (list, or one comma-separated string) -> sorted files; every pattern must match."""
-    if isinstance(patterns, str):
-        patterns = [p for p in patterns.split(",") if p]
+def _patterns(patterns) -> list[str]:
+    """A list of patterns, or one comma-separated string of them -> a list."""
+    return [p for p in patterns.split(",") if p] if isinstance(patterns, str) else list(patterns)
+
+
+def _expand(patterns, what: str, keep: tuple[str, ...] = ()) -> list[str]:
+    """Paths or globs (list, or one comma-separated string) -> sorted files; every pattern must match.
+    Names in `keep` pass through unchanged."""
+    patterns = _patterns(patterns)
     if not patterns:
         raise ValueError(f"{what}: no files given")
     files = []
     for pattern in patterns:
+        if pattern in keep:
+            files.append(pattern)
+            continue
         if pattern == "kjv":
             pattern = kjv_path()
         matches = sorted(glob.glob(os.path.expanduser(pattern)))
@@ -157,15 +176,21 @@ def _expand(patterns, what: str) -> list[str]:
     return files
 
 
+KJV_GROUP_BY = ("book", "chapter")
+
+
 def read_documents(files, *, field: str = "text", group_by=None, what: str = "text files") -> list[str]:
-    """Documents of .txt (blank-line-separated paragraphs) and .jsonl files (lines, or line groups)."""
+    """Documents of .txt (blank-line-separated paragraphs) and .jsonl files (lines, or line groups; the
+    "kjv" corpus without `group_by`: one per chapter)."""
     docs = []
+    kjv = kjv_path() if "kjv" in _patterns(files) else None
     for path in _expand(files, what):
+        grouping = KJV_GROUP_BY if group_by is None and path == kjv else group_by
         with open(path, encoding="utf-8") as f:
             if path.endswith(".txt"):
                 docs += [d.strip() for d in f.read().split("\n\n")]
             elif path.endswith(".jsonl"):
-                docs += _jsonl_documents(f, path, field, group_by)
+                docs += _jsonl_documents(f, path, field, grouping)
             else:
                 raise ValueError(f"unsupported text file {path} (expected .txt or .jsonl)")
     return [d for d in docs if d]
@@ -232,8 +257,17 @@ def heldout_split(num_docs: int, fraction: float) -> tuple[np.ndarray, np.ndarra
     return np.sort(perm[num_heldout:]), np.sort(perm[:num_heldout])
 
 
+def chat_corpus(cfg) -> chat.ChatCorpus:
+    """The tokenised conversations of `cfg.chat` (read once per setting)."""
+    paths = tuple(_expand(cfg.chat.files, "data.chat.files", keep=(chat.GENERATED,)))
+    return chat.load_corpus(paths, cfg.tokenizer, cfg.chat.mask, cfg.seq_len, cfg.chat.overflow)
+
+
 def _documents(cfg, split: int) -> grain.MapDataset:
-    """The training or held-out documents of a finite corpus: MapDataset of token ids [L] int32."""
+    """The training or held-out documents of a finite corpus: MapDataset of examples (FEATURES [L])."""
+    if cfg.source == "chat":
+        examples = chat.Examples(chat_corpus(cfg), cfg.seq_len)
+        return grain.MapDataset.source(Subset(examples, _split_indices(len(examples), cfg, split)))
     if cfg.source == "text":
         tokenizer = tok.load(cfg.tokenizer)
         eos_id = resolve_eos_id(tokenizer, cfg.eos_id)
@@ -246,10 +280,15 @@ def _documents(cfg, split: int) -> grain.MapDataset:
             paths = os.path.join(paths, "*.array_record")
         to_tokens = tokens_from_record
         source = grain.sources.ArrayRecordDataSource(_expand(paths, "data.array_record.paths"))
-    indices = heldout_split(len(source), cfg.eval_fraction)[split]
+    indices = _split_indices(len(source), cfg, split)
+    return grain.MapDataset.source(Subset(source, indices)).map(to_tokens).map(document_example)
+
+
+def _split_indices(num_docs: int, cfg, split: int) -> np.ndarray:
+    indices = heldout_split(num_docs, cfg.eval_fraction)[split]
     if not len(indices):
         raise ValueError("data.eval_fraction is 0: the corpus has no held-out documents")
-    return grain.MapDataset.source(Subset(source, indices)).map(to_tokens)
+    return indices
 
 
 # Packing ----------------------------------------------------------------------------------------------
@@ -340,8 +379,10 @@ def build_train_dataset(data, *, seed: int, process_index: int = 0,
         # Elements are whole batches: read a few ahead, not Grain's default 500.
         read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
         return _prefetch(batches.to_iter_dataset(read), cfg.num_workers)
+    if cfg.source == "chat" and process_index == 0:
+        logging.info("%s", chat_corpus(cfg).summary(cfg.chat.overflow))
     docs = _documents(cfg, TRAIN).shuffle(seed).repeat(cfg.num_epochs)[process_index::process_count]
-    docs = _prefetch(docs.map(document_example).to_iter_dataset(), cfg.num_workers)
+    docs = _prefetch(docs.to_iter_dataset(), cfg.num_workers)
     return _packed_batches(docs, cfg, rows)
 
 
@@ -359,7 +400,7 @@ def build_eval_batches(data, *, seed: int, num_batches: int, process_index: int 
         batches = _task_batches(cfg, seed=seed, stream=HELDOUT, rows=rows, process_index=process_index,
                                 process_count=process_count)
         return [batches[t] for t in range(num_batches)]
-    docs = _documents(cfg, HELDOUT)[process_index::process_count].map(document_example)
+    docs = _documents(cfg, HELDOUT)[process_index::process_count]
     batches = iter(_packed_batches(docs.to_iter_dataset(), cfg, rows))
     return [batch for _, batch in zip(range(num_batches), batches, strict=False)]
 
@@ -368,8 +409,11 @@ def check_inputs(data, *, vocab_size: int) -> None:
     """Fail now, in one line, if the stream of `data` cannot be built: files that match nothing, a
     tokenizer that cannot be loaded or whose ids do not fit `vocab_size`, a task whose tokens do not."""
     cfg = resolve_config(data)
-    if cfg.source == "text":
-        _expand(cfg.text.files, "data.text.files")
+    if cfg.source in ("text", "chat"):
+        if cfg.source == "text":
+            _expand(cfg.text.files, "data.text.files")
+        else:
+            chat_corpus(cfg)  # every conversation read and checked: errors name file and line
         tokenizer = tok.load(cfg.tokenizer)
         if tokenizer.get_vocab_size() > vocab_size:
             raise ValueError(f"data.tokenizer {cfg.tokenizer!r} has {tokenizer.get_vocab_size()} tokens but "

@@ -64,8 +64,7 @@ def text(size: str = "small") -> ml_collections.ConfigDict:
     c.objective.beta = 0.1
     c.optimizer.update(learning_rate=1e-3, warmup_steps=100, schedule="wsd", decay_steps=400)
     c.data.update(source="text", seq_len=256, batch_size=16, eval_batches=8, tokenizer="ouro")
-    c.data.text.update(files="kjv", field="text")
-    c.data.text.group_by = ["book", "chapter"]  # one document per chapter
+    c.data.text.update(files="kjv", field="text")  # one document per chapter
     return c
 
 
@@ -82,7 +81,6 @@ def _text_cpu() -> ml_collections.ConfigDict:
     c.optimizer.update(learning_rate=3e-3, warmup_steps=50, schedule="cosine", min_lr_ratio=0.1)
     c.data.update(source="text", seq_len=128, batch_size=16, eval_batches=8, tokenizer="bytes")
     c.data.text.update(files="kjv", field="text")
-    c.data.text.group_by = ["book", "chapter"]
     return c
 
 
