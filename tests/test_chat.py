@@ -169,3 +169,58 @@ def test_overflow_truncate_and_drop_counts(tmp_path):
     dropped = pipeline.chat_corpus(pipeline.resolve_config(chat_config(path, chat={"files": path,
                                                                                    "overflow": "drop"})))
     assert (dropped.total, dropped.truncated, dropped.dropped_long, dropped.dropped_untrained) == (4, 0, 2, 0)
+
+
+def test_masked_targets_change_no_gradient(chats):
+    """Oracle: replacing the target of every untrained position (user, system, headers, padding) by another
+    token leaves the gradient bit-identical; replacing one trained target changes it."""
+    import jax
+    from flax import nnx
+
+    from ouro_jax import Ouro, objective
+    from ouro_jax.model import config as cfgs
+
+    batch = next(iter(pipeline.build_train_dataset(chat_config(chats["files"]), seed=0)))
+    mask = batch["loss_mask"].astype(bool)
+    assert mask.any() and (~mask).any()
+    model = Ouro(cfgs.tiny(vocab_size=320, num_hidden_layers=1, total_ut_steps=2, scan_layers=False),
+                 rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    grad = jax.jit(jax.grad(lambda p, b: objective.stage1_loss(nnx.merge(graphdef, p), b, beta=0.1)[0]))
+
+    def changed(where):
+        targets = batch["targets"].copy()
+        targets[where] = (targets[where] + 7) % 259
+        return {**batch, "targets": targets}
+
+    base = jax.tree.leaves(grad(params, batch))
+    for leaf, other in zip(base, jax.tree.leaves(grad(params, changed(~mask))), strict=True):
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(other))
+    one = np.zeros_like(mask)
+    one[np.argwhere(mask)[0][0], np.argwhere(mask)[0][1]] = True
+    moved = jax.tree.leaves(grad(params, changed(one)))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(base, moved, strict=True))
+
+
+@pytest.mark.parametrize("line, why", [
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]},
+     "unknown role 'robot'"),
+    ('{"messages": [', "invalid JSON"),
+    ({"prompt": "only a prompt"}, "'prompt' and 'completion'"),
+])
+def test_bad_chat_file_is_one_line_naming_file_and_line(tmp_path, line, why):
+    from ouro_jax.train import config as config_lib
+    from ouro_jax.train import recipes
+
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    path = _write_jsonl(tmp_path / "bad.jsonl", [good, good, line])
+    c = recipes.text("cpu")
+    c.data.update(source="chat")
+    c.data.chat.files = path
+    with pytest.raises(config_lib.ConfigError, match=f"bad.jsonl:3: .*{why}") as e:
+        config_lib.validate(c)
+    assert "\n" not in str(e.value)
+    c.data.chat.files = str(tmp_path / "missing.jsonl")
+    with pytest.raises(config_lib.ConfigError, match="data.chat.files: no file matches .*missing.jsonl"):
+        config_lib.validate(c)
