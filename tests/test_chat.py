@@ -222,5 +222,5 @@ def test_bad_chat_file_is_one_line_naming_file_and_line(tmp_path, line, why):
         config_lib.validate(c)
     assert "\n" not in str(e.value)
     c.data.chat.files = str(tmp_path / "missing.jsonl")
-    with pytest.raises(config_lib.ConfigError, match="data.chat.files: no file matches .*missing.jsonl"):
+    with pytest.raises(config_lib.ConfigError, match=r"data\.chat\.files: no file matches .*missing\.jsonl"):
         config_lib.validate(c)

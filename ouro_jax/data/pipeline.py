@@ -75,12 +75,12 @@ import numpy as np
 from absl import logging
 
 from ouro_jax import tokenizer as tok
-from ouro_jax.data import chat
+from ouro_jax.data import chat, mixture
 from ouro_jax.data.tasks import TASKS
 
 FEATURES = ("input_ids", "targets", "loss_mask", "answer_mask")  # packed per document
 BATCH_KEYS = (*FEATURES, "segment_ids", "positions")
-SOURCES = ("text", "chat", "array_record", *TASKS)
+SOURCES = ("text", "chat", "array_record", "mixture", *TASKS)
 TRAIN, HELDOUT = 0, 1  # task streams
 _SPLIT_SEED = 20251028  # fixes the held-out documents of a corpus independently of the training seed
 
@@ -97,6 +97,7 @@ def default_config() -> ml_collections.ConfigDict:
         "text": {"files": "", "field": "text", "group_by": None},
         "chat": {"files": "", "mask": "assistant", "overflow": "truncate"},
         "array_record": {"paths": ""},
+        "mixture": {},
     })
 
 
@@ -104,7 +105,9 @@ def _merge(into: ml_collections.ConfigDict, data, prefix: str = "data") -> None:
     for key, value in data.items():
         if key not in into:
             raise ValueError(f"unknown config key {prefix}.{key} (known: {', '.join(into)})")
-        if isinstance(into[key], ml_collections.ConfigDict):
+        if key == "mixture":  # free-form: name -> component, resolved by `mixture.components`
+            into[key] = ml_collections.ConfigDict(value.to_dict() if hasattr(value, "to_dict") else value)
+        elif isinstance(into[key], ml_collections.ConfigDict):
             _merge(into[key], value, f"{prefix}.{key}")
         elif isinstance(into[key], str) and isinstance(value, list | tuple):
             into[key] = ",".join(value)  # text.files: a list is the comma-separated string
@@ -112,17 +115,19 @@ def _merge(into: ml_collections.ConfigDict, data, prefix: str = "data") -> None:
             into[key] = value
 
 
-def resolve_config(data) -> ml_collections.ConfigDict:
+def resolve_config(data, prefix: str = "data") -> ml_collections.ConfigDict:
     """`data` (ConfigDict or dict, any subset of the keys) over `default_config()`, validated."""
     cfg = default_config()
-    _merge(cfg, data)
+    _merge(cfg, data, prefix)
     if cfg.source not in SOURCES:
-        raise ValueError(f"unknown data.source {cfg.source!r}; expected one of {', '.join(SOURCES)}")
+        raise ValueError(f"unknown {prefix}.source {cfg.source!r}; expected one of {', '.join(SOURCES)}")
     for key in ("seq_len", "batch_size"):
         if cfg[key] < 1:
-            raise ValueError(f"data.{key} must be positive, got {cfg[key]}")
+            raise ValueError(f"{prefix}.{key} must be positive, got {cfg[key]}")
     if not 0 <= cfg.eval_fraction < 1:
-        raise ValueError(f"data.eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+        raise ValueError(f"{prefix}.eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.source == "mixture":
+        mixture.components(cfg, resolve_config)
     return cfg
 
 
@@ -315,19 +320,20 @@ class SplitChunks(grain.experimental.FlatMapTransform):
                 for start in range(0, len(example["input_ids"]), self.seq_len)]
 
 
-def packed_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Grain's packer output (per-feature `_segment_ids` / `_positions`) -> BATCH_KEYS [S]."""
-    return {**{k: packed[k] for k in FEATURES}, "segment_ids": packed["input_ids_segment_ids"],
+def packed_row(packed: dict[str, np.ndarray], features=FEATURES) -> dict[str, np.ndarray]:
+    """Grain's packer output (per-feature `_segment_ids` / `_positions`) -> BATCH_KEYS [S] (and any
+    other `features`)."""
+    return {**{k: packed[k] for k in features}, "segment_ids": packed["input_ids_segment_ids"],
             "positions": packed["input_ids_positions"]}
 
 
-def _packed_batches(docs: grain.IterDataset, cfg, rows: int) -> grain.IterDataset:
+def _packed_batches(docs: grain.IterDataset, cfg, rows: int, features=FEATURES) -> grain.IterDataset:
     """Document examples -> batches of `rows` packed rows [rows, S]."""
     packed = grain.experimental.FirstFitPackIterDataset(
         grain.experimental.FlatMapIterDataset(docs, SplitChunks(cfg.seq_len)),
-        length_struct={k: cfg.seq_len for k in FEATURES}, num_packing_bins=cfg.pack_bins or rows,
+        length_struct={k: cfg.seq_len for k in features}, num_packing_bins=cfg.pack_bins or rows,
         shuffle_bins=False)
-    return packed.map(packed_row).batch(
+    return packed.map(functools.partial(packed_row, features=features)).batch(
         rows, batch_fn=functools.partial(grain.experimental.batch_and_pad, batch_size=rows))
 
 
@@ -356,6 +362,51 @@ class TaskBatches:
         return self.task.batch(first + np.arange(self.rows))
 
 
+class TaskExamples:
+    """The examples of a task one by one (FEATURES [n]), as a random-access source."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def __len__(self) -> int:
+        return len(self.task)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        batch = self.task.batch(np.array([index]))
+        return {k: batch[k][0] for k in FEATURES}
+
+
+def _mixture_examples(cfg, *, seed: int, split: int) -> tuple[grain.MapDataset, list[str]]:
+    """The mixed examples (FEATURES and `source_ids` [L]) of the training (repeated, shuffled) or held-out
+    split of every component, and the components' names."""
+    parts, weights, names = [], [], []
+    for position, (name, weight, sub) in enumerate(mixture.components(cfg, resolve_config)):
+        if sub.source in TASKS:
+            task = TASKS[sub.source](n=sub.seq_len, seed=seed + position, stream=split,
+                                     **sub[sub.source].to_dict())
+            docs = grain.MapDataset.source(TaskExamples(task))
+        else:
+            docs = _documents(sub, split)
+            if split == TRAIN:
+                docs = docs.shuffle(seed + position).repeat(None)
+        parts.append(grain.MapDataset.source(mixture.Tagged(docs, position)))
+        weights.append(weight)
+        names.append(name)
+    return mixture.mix(parts, weights), names
+
+
+def mixture_counter(data) -> mixture.SourceCounter:
+    """A `SourceCounter` for the training stream of `data` (no sources unless it is a mixture)."""
+    cfg = resolve_config(data)
+    if cfg.source != "mixture":
+        return mixture.SourceCounter([], [])
+    names, sizes = [], []
+    for name, _, sub in mixture.components(cfg, resolve_config):
+        names.append(name)
+        sizes.append(None if sub.source in TASKS else len(_documents(sub, TRAIN)))
+    return mixture.SourceCounter(names, sizes)
+
+
 def _task_batches(cfg, *, seed: int, stream: int, rows: int, process_index: int,
                   process_count: int) -> grain.MapDataset:
     task = TASKS[cfg.source](n=cfg.seq_len, seed=seed, stream=stream, **cfg[cfg.source].to_dict())
@@ -379,6 +430,10 @@ def build_train_dataset(data, *, seed: int, process_index: int = 0,
         # Elements are whole batches: read a few ahead, not Grain's default 500.
         read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
         return _prefetch(batches.to_iter_dataset(read), cfg.num_workers)
+    if cfg.source == "mixture":
+        docs, _ = _mixture_examples(cfg, seed=seed, split=TRAIN)
+        docs = _prefetch(docs[process_index::process_count].to_iter_dataset(), cfg.num_workers)
+        return _packed_batches(docs, cfg, rows, (*FEATURES, mixture.SOURCE_IDS))
     if cfg.source == "chat" and process_index == 0:
         logging.info("%s", chat_corpus(cfg).summary(cfg.chat.overflow))
     docs = _documents(cfg, TRAIN).shuffle(seed).repeat(cfg.num_epochs)[process_index::process_count]
@@ -400,8 +455,12 @@ def build_eval_batches(data, *, seed: int, num_batches: int, process_index: int 
         batches = _task_batches(cfg, seed=seed, stream=HELDOUT, rows=rows, process_index=process_index,
                                 process_count=process_count)
         return [batches[t] for t in range(num_batches)]
-    docs = _documents(cfg, HELDOUT)[process_index::process_count]
-    batches = iter(_packed_batches(docs.to_iter_dataset(), cfg, rows))
+    if cfg.source == "mixture":
+        docs = _mixture_examples(cfg, seed=seed, split=HELDOUT)[0].map(
+            lambda example: {k: example[k] for k in FEATURES})
+    else:
+        docs = _documents(cfg, HELDOUT)
+    batches = iter(_packed_batches(docs[process_index::process_count].to_iter_dataset(), cfg, rows))
     return [batch for _, batch in zip(range(num_batches), batches, strict=False)]
 
 
@@ -409,7 +468,10 @@ def check_inputs(data, *, vocab_size: int) -> None:
     """Fail now, in one line, if the stream of `data` cannot be built: files that match nothing, a
     tokenizer that cannot be loaded or whose ids do not fit `vocab_size`, a task whose tokens do not."""
     cfg = resolve_config(data)
-    if cfg.source in ("text", "chat"):
+    if cfg.source == "mixture":
+        for _, _, sub in mixture.components(cfg, resolve_config):
+            check_inputs(sub, vocab_size=vocab_size)
+    elif cfg.source in ("text", "chat"):
         if cfg.source == "text":
             _expand(cfg.text.files, "data.text.files")
         else:
