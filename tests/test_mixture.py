@@ -30,7 +30,7 @@ def mix_config(text_file, weights=(0.5, 0.3, 0.2), **overrides):
 
 @pytest.mark.parametrize("count", [2_000, pytest.param(10_000, marks=pytest.mark.slow)])
 def test_proportions_within_one_percent(text_file, count):
-    data = mix_config(text_file)  # a cheap second text source instead of the task, for speed
+    data = mix_config(text_file, mix_by="documents")  # a cheap second text source, not the task, for speed
     data["mixture"]["hops"] = {"weight": 0.5, "source": "text", "text": {"files": text_file}}
     docs, names = pipeline._mixture_examples(pipeline.resolve_config(data), seed=0, split=pipeline.TRAIN)
     assert names == ["chat", "hops", "text"]  # components in name order
@@ -38,6 +38,15 @@ def test_proportions_within_one_percent(text_file, count):
     observed = np.bincount(first, minlength=4)[1:] / len(first)
     np.testing.assert_allclose(observed, [0.3, 0.5, 0.2], atol=0.01)
     assert abs(np.mean(first[:500] == 2) - 0.5) < 0.01  # a prefix stays close too, not just the total
+
+
+def test_mix_by_tokens_gives_token_shares(text_file):
+    data = mix_config(text_file)
+    data["mixture"]["hops"] = {"weight": 0.5, "source": "text", "text": {"files": text_file}}
+    docs, _ = pipeline._mixture_examples(pipeline.resolve_config(data), seed=0, split=pipeline.TRAIN)
+    ids = np.concatenate([docs[i][mixture.SOURCE_IDS] for i in range(2000)])
+    shares = np.bincount(np.abs(ids), minlength=4)[1:] / len(ids)
+    np.testing.assert_allclose(shares, [0.3, 0.5, 0.2], atol=0.03)  # mean lengths are estimated
 
 
 def _take(iterator, n):

@@ -24,12 +24,16 @@ def _load(name, arg=None):
 
 def _with_local_data(c, tmp_path):
     """Point a config's data at files that exist here (the recipes name corpora of their own)."""
-    if c.data.source == "array_record":
-        (tmp_path / "shard-0.array_record").write_bytes(b"")
-        c.data.array_record.paths = str(tmp_path / "*.array_record")
-    elif c.data.source == "text":
-        (tmp_path / "doc.txt").write_text("In the beginning.\n\nAnd the earth.\n")
-        c.data.text.files = str(tmp_path / "doc.txt")
+    for data in [c.data, *c.data.mixture.values()]:
+        if data.get("source") == "array_record":
+            (tmp_path / "shard-0.array_record").write_bytes(b"")
+            data.array_record.paths = str(tmp_path / "*.array_record")
+        elif data.get("source") == "text":
+            (tmp_path / "doc.txt").write_text("In the beginning.\n\nAnd the earth.\n")
+            data.text.files = str(tmp_path / "doc.txt")
+        elif data.get("source") == "chat":
+            (tmp_path / "chat.jsonl").write_text('{"prompt": "Hi", "completion": "Hello."}\n')
+            data.chat.files = str(tmp_path / "chat.jsonl")
     return c
 
 

@@ -6,6 +6,9 @@
 A component's keys go over the top-level data config (`seq_len`, `tokenizer`, `eval_fraction`, ...), so
 each is a complete single-source config; a component may be a task, text, chat or ArrayRecord shards.
 Weights are >= 0 and sum to a positive number (0 leaves a component out); they need not sum to 1.
+With `data.mix_by="tokens"` (default) a weight is a share of the tokens: documents are drawn in proportion
+to weight / mean length, the mean over `LENGTH_SAMPLE` evenly spaced training documents (a task's
+examples all have seq_len tokens); with "documents" it is a share of the documents.
 
 Stream: each component's training documents (tasks: examples, by index), shuffled (seed + its position)
 and repeated forever -> `grain.MapDataset.mix` by weight (deterministic by index: any prefix of the mix
@@ -25,6 +28,8 @@ import numpy as np
 from absl import logging
 
 SOURCE_IDS = "source_ids"
+MIX_BY = ("tokens", "documents")
+LENGTH_SAMPLE = 256  # documents whose mean length stands for a component's (mix_by="tokens")
 
 
 def components(cfg, resolve) -> list[tuple[str, float, object]]:
@@ -50,6 +55,12 @@ def components(cfg, resolve) -> list[tuple[str, float, object]]:
     if not total > 0:
         raise ValueError(f"data.mixture weights must sum to a positive number, got {total}")
     return out
+
+
+def mean_length(docs) -> float:
+    """Mean token count of up to `LENGTH_SAMPLE` evenly spaced examples of `docs` (random access)."""
+    picks = np.unique(np.linspace(0, len(docs) - 1, min(LENGTH_SAMPLE, len(docs))).astype(int))
+    return float(np.mean([len(docs[int(i)]["input_ids"]) for i in picks]))
 
 
 def tag(example: dict[str, np.ndarray], position: int) -> dict[str, np.ndarray]:

@@ -42,6 +42,8 @@ Config keys (`default_config()`; `data` may hold any subset, unknown keys are an
                 "last_assistant" or "all" (`tokenizer.encode_chat_for_training`). default "assistant"
   chat.overflow a conversation longer than seq_len: "truncate" or "drop" (counts logged). default "truncate"
   array_record.paths  glob(s) or directory of shards written by `ouro_jax.data.prepare`.
+  mixture       source "mixture": name -> {"weight": w, "source": ..., its keys} (`mixture`).
+  mix_by        "tokens" (weights are shares of tokens) or "documents" (of documents). default "tokens"
 
 Conversations are rendered in ChatML and tokenised once (`chat.load_corpus`, when the config is validated);
 each is one segment, its targets the next token, its loss mask the trained-token mask of the target.
@@ -97,7 +99,7 @@ def default_config() -> ml_collections.ConfigDict:
         "text": {"files": "", "field": "text", "group_by": None},
         "chat": {"files": "", "mask": "assistant", "overflow": "truncate"},
         "array_record": {"paths": ""},
-        "mixture": {},
+        "mixture": {}, "mix_by": "tokens",
     })
 
 
@@ -127,6 +129,8 @@ def resolve_config(data, prefix: str = "data") -> ml_collections.ConfigDict:
     if not 0 <= cfg.eval_fraction < 1:
         raise ValueError(f"{prefix}.eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
     if cfg.source == "mixture":
+        if cfg.mix_by not in mixture.MIX_BY:
+            raise ValueError(f"{prefix}.mix_by={cfg.mix_by!r} must be one of {', '.join(mixture.MIX_BY)}")
         mixture.components(cfg, resolve_config)
     return cfg
 
@@ -381,6 +385,8 @@ def _mixture_examples(cfg, *, seed: int, split: int) -> tuple[grain.MapDataset, 
     split of every component, and the components' names."""
     parts, weights, names = [], [], []
     for position, (name, weight, sub) in enumerate(mixture.components(cfg, resolve_config)):
+        if cfg.mix_by == "tokens":  # documents drawn in proportion to weight / mean document length
+            weight /= sub.seq_len if sub.source in TASKS else mixture.mean_length(_documents(sub, TRAIN))
         if sub.source in TASKS:
             task = TASKS[sub.source](n=sub.seq_len, seed=seed + position, stream=split,
                                      **sub[sub.source].to_dict())
@@ -469,8 +475,11 @@ def check_inputs(data, *, vocab_size: int) -> None:
     tokenizer that cannot be loaded or whose ids do not fit `vocab_size`, a task whose tokens do not."""
     cfg = resolve_config(data)
     if cfg.source == "mixture":
-        for _, _, sub in mixture.components(cfg, resolve_config):
-            check_inputs(sub, vocab_size=vocab_size)
+        for name, _, sub in mixture.components(cfg, resolve_config):
+            try:
+                check_inputs(sub, vocab_size=vocab_size)
+            except (ValueError, OSError) as err:
+                raise type(err)(f"mixture.{name}: {err}") from None
     elif cfg.source in ("text", "chat"):
         if cfg.source == "text":
             _expand(cfg.text.files, "data.text.files")

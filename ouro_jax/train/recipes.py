@@ -134,7 +134,21 @@ def pretraining(stage: str, model: str = "ouro_1p4b") -> ml_collections.ConfigDi
     c.optimizer.grad_accum_steps = GRAD_ACCUM_V5P_128[model, stage]
     if model == "ouro_2p6b" and stage == "1b":
         c.init_upcycle = "stacked"
+    if stage == "4":
+        c.data.update(source="mixture", mix_by="tokens")
+        c.data.mixture = STAGE4_MIXTURE
     return c
+
+
+STAGE4_MIXTURE = {
+    "sft": {"weight": 90.0, "source": "chat", "chat": {"files": "", "mask": "all"}},
+    "stage1": {"weight": 30.0, "source": "array_record", "array_record": {"paths": ""}},
+    "stage2": {"weight": 180.0, "source": "array_record", "array_record": {"paths": ""}},
+}
+"""Stage 4 (§4.1): 90B tokens of ChatML SFT data, 30B of Stage 1 replay, 180B of Stage 2 replay (weights
+are token shares). Whether Stage 4 trained every token of the SFT conversations is not published; as
+pre-training does, `mask="all"` trains them all (`--config.data.mixture.sft.chat.mask=assistant` for the
+assistant turns only)."""
 
 
 def gate_stage2(model: str = "demo") -> ml_collections.ConfigDict:
@@ -146,6 +160,7 @@ def gate_stage2(model: str = "demo") -> ml_collections.ConfigDict:
         c = demo(steps=300)
     else:
         c = pretraining("4", model)
+        c.data.source = "array_record"  # Stage II reads pre-training shards, not the Stage 4 mixture
         c.total_steps = 2000
     c.objective.stage = 2
     # the next loop's improvement supervises each gate: on fixed and mixed p-hop it beat both the printed
