@@ -41,6 +41,7 @@ def _with_local_data(c, tmp_path):
     ("demo", None), ("demo", "steps=50"), ("text", None), ("text", "size=medium"), ("text", "size=cpu"),
     ("ouro_1p4b", "1a"), ("ouro_1p4b", "1b"), ("ouro_1p4b", "2"), ("ouro_1p4b", "3"), ("ouro_1p4b", "4"),
     ("ouro_2p6b", "1b"), ("ouro_2p6b", "4"), ("gate_stage2", "demo"), ("gate_stage2", "ouro_1p4b"),
+    ("sft", None), ("sft", "cpu,weighting=logit_mixture"), ("sft", "ouro_1p4b"), ("sft", "ouro_2p6b"),
 ])
 def test_config_validates(name, arg, tmp_path):
     c = _with_local_data(_load(name, arg), tmp_path)
@@ -128,3 +129,16 @@ def test_cli_config_mistakes_are_one_line(args, needle, tmp_path):
     assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert needle in lines[0]
     assert not workdir.exists()
+
+
+def test_sft_recipes_carry_the_papers_hyper_parameters():
+    for model in ("ouro_1p4b", "ouro_2p6b"):
+        c = _load("sft", model)
+        assert (c.data.source, c.data.seq_len, c.data.chat.mask, c.data.num_epochs) == (
+            "chat", 32768, "assistant", 2)
+        assert (c.optimizer.learning_rate, c.optimizer.b1, c.optimizer.b2, c.optimizer.schedule) == (
+            2e-5, 0.9, 0.95, "cosine")
+        assert c.optimizer.weight_decay == 0.0
+    assert _load("sft").data.chat.files == "generated"
+    with pytest.raises(config_lib.ConfigError, match="weighting='mean' must be one of"):
+        _load("sft", "weighting=mean")
