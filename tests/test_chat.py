@@ -224,3 +224,17 @@ def test_bad_chat_file_is_one_line_naming_file_and_line(tmp_path, line, why):
     c.data.chat.files = str(tmp_path / "missing.jsonl")
     with pytest.raises(config_lib.ConfigError, match=r"data\.chat\.files: no file matches .*missing\.jsonl"):
         config_lib.validate(c)
+
+
+def test_evaluate_data_scores_assistant_tokens_only(chats, tmp_path):
+    from ouro_jax.evaluate import data
+
+    tokenizer = tk.load("bytes")
+    want = sum(int(tk.encode_chat_for_training(tokenizer, m)[1][1:].sum()) for m in chats["conversations"])
+    batches, description = data.load(chats["files"][0] + "," + chats["files"][1], model_path="unused",
+                                     model_kind="run", vocab_size=320, tokenizer="bytes", batch_size=4,
+                                     seq_len=S)
+    assert sum(int(b["loss_mask"].sum()) for b in batches) == want
+    assert "40 of 40 conversations kept" in description
+    text = _write_jsonl(tmp_path / "text.jsonl", [{"text": "not a conversation"}])
+    assert not data.is_chat(text) and data.is_chat(chats["files"][1])

@@ -10,9 +10,10 @@ On several processes (`--coordinator_address/--num_processes/--process_id`, or d
 `ouro_jax.distributed`) each evaluates its share of the batches and process 0 writes the one-process result.
 
 PATH: a run directory (its latest checkpoint), one of its steps (RUN/checkpoints/<step>) or a Hugging Face
-Ouro directory. --data: empty for a run's own held-out data; a synthetic task name (e.g. phop); or .txt /
-.jsonl files (comma-separated paths or globs), tokenised with PATH/tokenizer.json when present, else the
-bundled Ouro tokenizer (--tokenizer overrides).
+Ouro directory. --data: empty for a run's own held-out data; a synthetic task name (e.g. phop); chat
+.jsonl files ({"messages": ...} or {"prompt", "completion"} lines: loss and accuracy on the assistant tokens
+only); or .txt / .jsonl files (comma-separated paths or globs), tokenised with PATH/tokenizer.json when
+present, else the bundled Ouro tokenizer (--tokenizer overrides).
 """
 
 from __future__ import annotations
