@@ -93,6 +93,25 @@ def load(name_or_path: str = "ouro") -> Tokenizer:
         raise ValueError(f"{path} is not a valid tokenizer.json: {reason}") from err
 
 
+def for_model(path: str | Path) -> str:
+    """The tokenizer a model at `path` reads text with, as a `load` argument: PATH/tokenizer.json (a
+    Hugging Face export) when present, else an ouro_jax run's `data.tokenizer` (e.g. "bytes" for the CPU
+    recipes), else "ouro"."""
+    from ouro_jax import run
+
+    root = Path(path)
+    if (root / "tokenizer.json").is_file():
+        return str(root)
+    try:
+        location = run.locate(root)
+        if location.kind != "hf":
+            tokenizer = run.read_config(root).get("data", {}).get("tokenizer", "ouro")
+            return str(tokenizer) if tokenizer else "ouro"
+    except (OSError, ValueError):  # not a run: the caller reports what is wrong with PATH
+        pass
+    return "ouro"
+
+
 def format_chat(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
     """Render messages as ChatML, the format of Ouro's chat and Thinking models.
 

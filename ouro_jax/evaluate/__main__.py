@@ -13,7 +13,7 @@ PATH: a run directory (its latest checkpoint), one of its steps (RUN/checkpoints
 Ouro directory. --data: empty for a run's own held-out data; a synthetic task name (e.g. phop); chat
 .jsonl files ({"messages": ...} or {"prompt", "completion"} lines: loss and accuracy on the assistant tokens
 only); or .txt / .jsonl files (comma-separated paths or globs), tokenised with PATH/tokenizer.json when
-present, else the bundled Ouro tokenizer (--tokenizer overrides).
+present, else a run's data.tokenizer, else the bundled Ouro tokenizer (--tokenizer overrides).
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ def main(argv):
     import jax
 
     from ouro_jax import run
+    from ouro_jax import tokenizer as tok
     from ouro_jax.convert.pretrained import from_pretrained
     from ouro_jax.evaluate import data, metrics, plots
 
@@ -105,8 +106,7 @@ def main(argv):
     model = from_pretrained(_MODEL.value, dtype=_DTYPE.value)
     config = model.config
     grid = _grid(config.hidden_size)
-    tokenizer = _TOKENIZER.value or (str(location.root) if (location.root / "tokenizer.json").is_file()
-                                     else "ouro")
+    tokenizer = _TOKENIZER.value or tok.for_model(location.root)
     batches, description = data.load(
         _DATA.value, model_path=_MODEL.value, model_kind=location.kind, vocab_size=config.vocab_size,
         seed=_SEED.value, batch_size=_BATCH_SIZE.value, seq_len=_SEQ_LEN.value,

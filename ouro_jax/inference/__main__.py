@@ -7,18 +7,17 @@
     python -m ouro_jax.inference --model=PATH --prompt_ids=1,2,3 [--stop_ids=...] ...
 
 PATH: an ouro_jax run directory (its latest checkpoint) or a Hugging Face Ouro directory, loaded by
-`ouro_jax.from_pretrained`. Text (--prompt, or --prompt_file read as UTF-8) goes through the Ouro
-tokenizer (or PATH/tokenizer.json when present, or --tokenizer); with --chat the prompt is one ChatML
-user turn followed by the assistant prompt, and generation stops at <|im_end|> or <|endoftext|>. Text is
-printed as soon as it forms complete UTF-8 characters. --prompt_ids gives token ids instead (for models
-without a text tokenizer, e.g. the p-hop demo): no tokenizer is loaded, the generated ids are printed
-comma-separated, and generation stops only at --stop_ids. A last line reports the mean depth used (loops
-per token). Bad input prints one line `error: ...` and exits with 1.
+`ouro_jax.from_pretrained`. Text (--prompt, or --prompt_file read as UTF-8) goes through the Ouro tokenizer
+(or PATH/tokenizer.json when present, or a run's data.tokenizer, or --tokenizer); with --chat the prompt is
+one ChatML user turn followed by the assistant prompt, and generation stops at <|im_end|> or <|endoftext|>.
+Text is printed as soon as it forms complete UTF-8 characters. --prompt_ids gives token ids instead (for
+models without a text tokenizer, e.g. the p-hop demo): no tokenizer is loaded, the generated ids are printed
+comma-separated, and generation stops only at --stop_ids. A last line reports the mean depth used (loops per
+token). Bad input prints one line `error: ...` and exits with 1.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import flags
@@ -108,8 +107,7 @@ def _text_prompt(text: str, vocab_size: int):
     """(prompt ids, stop ids, render) of a text prompt through the tokenizer."""
     from ouro_jax import tokenizer as tok
 
-    source = _TOKENIZER.value or (_MODEL.value if os.path.isfile(os.path.join(_MODEL.value, "tokenizer.json"))
-                                  else "ouro")
+    source = _TOKENIZER.value or tok.for_model(_MODEL.value)
     tokenizer = tok.load(source)
     if tokenizer.get_vocab_size() > vocab_size:
         raise cli.UserError(f"tokenizer {source} has {tokenizer.get_vocab_size()} tokens, more than the "
