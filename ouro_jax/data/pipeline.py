@@ -165,7 +165,7 @@ def _patterns(patterns) -> list[str]:
     return [p for p in patterns.split(",") if p] if isinstance(patterns, str) else list(patterns)
 
 
-def _expand(patterns, what: str, keep: tuple[str, ...] = ()) -> list[str]:
+def expand_files(patterns, what: str, keep: tuple[str, ...] = ()) -> list[str]:
     """Paths or globs (list, or one comma-separated string) -> sorted files; every pattern must match.
     Names in `keep` pass through unchanged."""
     patterns = _patterns(patterns)
@@ -193,7 +193,7 @@ def read_documents(files, *, field: str = "text", group_by=None, what: str = "te
     "kjv" corpus without `group_by`: one per chapter)."""
     docs = []
     kjv = kjv_path() if "kjv" in _patterns(files) else None
-    for path in _expand(files, what):
+    for path in expand_files(files, what):
         grouping = KJV_GROUP_BY if group_by is None and path == kjv else group_by
         with open(path, encoding="utf-8") as f:
             if path.endswith(".txt"):
@@ -268,7 +268,7 @@ def heldout_split(num_docs: int, fraction: float) -> tuple[np.ndarray, np.ndarra
 
 def chat_corpus(cfg) -> chat.ChatCorpus:
     """The tokenised conversations of `cfg.chat` (read once per setting)."""
-    paths = tuple(_expand(cfg.chat.files, "data.chat.files", keep=(chat.GENERATED,)))
+    paths = tuple(expand_files(cfg.chat.files, "data.chat.files", keep=(chat.GENERATED,)))
     return chat.load_corpus(paths, cfg.tokenizer, cfg.chat.mask, cfg.seq_len, cfg.chat.overflow)
 
 
@@ -288,7 +288,7 @@ def _documents(cfg, split: int) -> grain.MapDataset:
         if isinstance(paths, str) and os.path.isdir(paths):
             paths = os.path.join(paths, "*.array_record")
         to_tokens = tokens_from_record
-        source = grain.sources.ArrayRecordDataSource(_expand(paths, "data.array_record.paths"))
+        source = grain.sources.ArrayRecordDataSource(expand_files(paths, "data.array_record.paths"))
     indices = _split_indices(len(source), cfg, split)
     return grain.MapDataset.source(Subset(source, indices)).map(to_tokens).map(document_example)
 
@@ -482,7 +482,7 @@ def check_inputs(data, *, vocab_size: int) -> None:
                 raise type(err)(f"mixture.{name}: {err}") from None
     elif cfg.source in ("text", "chat"):
         if cfg.source == "text":
-            _expand(cfg.text.files, "data.text.files")
+            expand_files(cfg.text.files, "data.text.files")
         else:
             chat_corpus(cfg)  # every conversation read and checked: errors name file and line
         tokenizer = tok.load(cfg.tokenizer)
@@ -494,7 +494,7 @@ def check_inputs(data, *, vocab_size: int) -> None:
         paths = cfg.array_record.paths
         if isinstance(paths, str) and os.path.isdir(paths):
             paths = os.path.join(paths, "*.array_record")
-        _expand(paths, "data.array_record.paths")
+        expand_files(paths, "data.array_record.paths")
     else:
         task = TASKS[cfg.source](n=cfg.seq_len, seed=0, stream=TRAIN, **cfg[cfg.source].to_dict())
         high = int(task.batch(np.arange(1))["input_ids"].max())
