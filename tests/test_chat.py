@@ -238,3 +238,13 @@ def test_evaluate_data_scores_assistant_tokens_only(chats, tmp_path):
     assert "40 of 40 conversations kept" in description
     text = _write_jsonl(tmp_path / "text.jsonl", [{"text": "not a conversation"}])
     assert not data.is_chat(text) and data.is_chat(chats["files"][1])
+
+
+def test_reply_prompts_end_at_the_last_assistant_turn():
+    from ouro_jax.evaluate import replies
+
+    tokenizer = tk.load("bytes")
+    conversation = [SYSTEM, *TURNS[:4]]
+    (prompt,), (reference,) = replies.prompts_and_references(tokenizer, [conversation])
+    assert reference == TURNS[3]["content"]
+    assert tokenizer.decode(prompt, skip_special_tokens=False) == tk.format_chat(conversation[:4])
