@@ -171,6 +171,7 @@ def test_overflow_truncate_and_drop_counts(tmp_path):
     assert (dropped.total, dropped.truncated, dropped.dropped_long, dropped.dropped_untrained) == (4, 0, 2, 0)
 
 
+@pytest.mark.slow
 def test_masked_targets_change_no_gradient(chats):
     """Oracle: replacing the target of every untrained position (user, system, headers, padding) by another
     token leaves the gradient bit-identical; replacing one trained target changes it."""

@@ -147,7 +147,7 @@ def test_training_on_a_mixture_resumes_bit_identically_and_logs_tokens_per_sourc
             "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_hidden_layers": 1,
             "model.num_attention_heads": 2, "model.num_key_value_heads": 2, "model.head_dim": 16,
             "model.total_ut_steps": 2})
-        c.data = pipeline.resolve_config(mix_config(text_file, mix_by="documents"))
+        c.data = pipeline.resolve_config(mix_config(text_file, mix_by="documents", batch_size=8))
         return c
 
     def records(workdir):
