@@ -110,13 +110,15 @@ class ChatCorpus:
 
 
 @functools.lru_cache(maxsize=4)
-def load_corpus(paths: tuple[str, ...], tokenizer_name: str, mask: str, seq_len: int,
-                overflow: str) -> ChatCorpus:
-    """Read, check and tokenise `paths` once per setting (validation and the data streams share it).
+def load_corpus(paths: tuple[str, ...], tokenizer_name: str, mask: str, seq_len: int, overflow: str,
+                stamps: tuple = ()) -> ChatCorpus:
+    """Read, check and tokenise `paths` once per setting (validation and the data streams share it;
+    `stamps`, the files' modification times and sizes, make a changed file read again).
 
     A conversation of L > seq_len tokens is cut to its first seq_len tokens ("truncate": the last kept
     position still predicts the next real token) or dropped ("drop"); one whose targets are then all
     masked is dropped, so no row carries a conversation that trains nothing."""
+    del stamps  # only part of the cache key
     if overflow not in OVERFLOWS:
         raise ValueError(f"data.chat.overflow={overflow!r} must be one of {', '.join(OVERFLOWS)}")
     if mask not in tok.CHAT_MASKS:

@@ -269,7 +269,8 @@ def heldout_split(num_docs: int, fraction: float) -> tuple[np.ndarray, np.ndarra
 def chat_corpus(cfg) -> chat.ChatCorpus:
     """The tokenised conversations of `cfg.chat` (read once per setting)."""
     paths = tuple(expand_files(cfg.chat.files, "data.chat.files", keep=(chat.GENERATED,)))
-    return chat.load_corpus(paths, cfg.tokenizer, cfg.chat.mask, cfg.seq_len, cfg.chat.overflow)
+    stamps = tuple((os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in paths if p != chat.GENERATED)
+    return chat.load_corpus(paths, cfg.tokenizer, cfg.chat.mask, cfg.seq_len, cfg.chat.overflow, stamps)
 
 
 def _documents(cfg, split: int) -> grain.MapDataset:
