@@ -11,7 +11,13 @@
 | 3       | 20B    | 64K  | constant 3e-5                  | 4 | 0.05 | 1M        |
 | 4       | 300B   | 32K  | cosine 3e-5 -> 1e-5            | 4 | 0.05 | 1M        |
 Details and our choices for unpublished values: `ouro_jax.train.recipes.pretraining`.
-Data: tokenised ArrayRecord shards from `python -m ouro_jax.data --tokenizer=ouro ...`.
+Data: tokenised ArrayRecord shards from `python -m ouro_jax.data --tokenizer=ouro ...`. Stage 4 mixes
+ChatML SFT conversations with Stage 1 and Stage 2 replay by tokens (90B : 30B : 180B, §4.1):
+
+  python -m ouro_jax.train --config=configs/ouro_1p4b.py:4 --workdir=... --config.init_from=<3 run> \\
+      --config.data.mixture.sft.chat.files=/mnt/shared/sft/*.jsonl \\
+      --config.data.mixture.stage1.array_record.paths=/mnt/shared/tokens/stage1 \\
+      --config.data.mixture.stage2.array_record.paths=/mnt/shared/tokens/stage2
 """
 
 from ouro_jax.train import recipes

@@ -5,6 +5,8 @@ optional `loss_mask` (1 where the target counts), `segment_ids` and `positions` 
 
 Stage I   L = sum_t p(t|x) CE_t - beta H(p(.|x)), per token, masked token-mean (§3.3, Eq. 4).
           `weighting="last_loop"` trains only CE_T instead (the plain deep-model baseline; no gate loss).
+          `weighting="logit_mixture"` trains CE(sum_t p(t|x) z_t) instead, the loss of the released
+          modeling code given `labels` (what an HF-Trainer fine-tune optimises; no entropy term).
 Stage II  gate-only BCE of the continuation probability 1 - lambda_t against
           w_t = sigmoid(k (max(0, CE_{t-1} - CE_t) - gamma)), per-loop losses detached, summed over
           t = 2..T and divided by T as printed (§3.4, Eq. 6); the LM receives no gradient.
@@ -111,7 +113,7 @@ def stage1_token_loss(ce: jax.Array, gate_logits: jax.Array, beta: float) -> jax
     return jnp.sum(pdf * ce, axis=0) - beta * exits.exit_entropy(gate_logits)
 
 
-WEIGHTINGS = ("exit_pdf", "last_loop")
+WEIGHTINGS = ("exit_pdf", "last_loop", "logit_mixture")
 
 
 def stage1_loss(model: Ouro, batch: Batch, *, beta: float = 0.1, weighting: str = "exit_pdf",
@@ -121,10 +123,30 @@ def stage1_loss(model: Ouro, batch: Batch, *, beta: float = 0.1, weighting: str 
     weighting="last_loop" is the baseline that trains only the last loop's CE (beta unused)."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting={weighting!r} must be one of {WEIGHTINGS}")
+    if weighting == "logit_mixture":
+        return logit_mixture_loss(model, batch, num_loops=num_loops)
     ce, correct, gate_logits, _ = per_loop_losses(model, batch, num_loops=num_loops)
     mask = _mask(batch)
     token_loss = stage1_token_loss(ce, gate_logits, beta) if weighting == "exit_pdf" else ce[-1]
     loss = _masked_mean(token_loss, mask)
+    return loss, {"loss": loss, **loop_metrics(ce, correct, gate_logits, mask)}
+
+
+def logit_mixture_loss(model: Ouro, batch: Batch, *, num_loops: int | None = None
+                       ) -> tuple[jax.Array, Metrics]:
+    """Masked token-mean CE of the exit-pdf-weighted mixture of logits, sum_t p(t) z_t.
+
+    The LM head is linear, so sum_t p(t) W h_t = W (sum_t p(t) h_t): the mixture's logits are the head
+    applied to the pdf-weighted mix of the T normed states [B, S, D], read chunk by chunk as in Stage I."""
+    ce_and_correct = _token_ce_and_correct(model, batch["targets"])
+    (ce, correct, hidden), gate_logits = model.loop(
+        batch["input_ids"], lambda h: (*ce_and_correct(h), h),
+        positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+        num_loops=num_loops, remat_readout=True)
+    pdf = exits.exit_pdf(gate_logits)
+    mixed = jnp.einsum("tbs,tbsd->bsd", pdf, hidden.astype(jnp.float32)).astype(hidden.dtype)
+    mask = _mask(batch)
+    loss = _masked_mean(ce_and_correct(mixed)[0], mask)
     return loss, {"loss": loss, **loop_metrics(ce, correct, gate_logits, mask)}
 
 

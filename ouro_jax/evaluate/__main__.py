@@ -18,9 +18,10 @@ With --tasks: lm-evaluation-harness tasks per loop from one pass (`ouro_jax.eval
 metric at each loop count of --loops and under each Q-exit threshold, in DIR/tasks.json, DIR/tasks.md and
 two plots; --batch_size, --dtype and --tokenizer apply as to the lm-eval model.
 
---data: empty for a run's own held-out data; a synthetic task name (e.g. phop); or .txt /
-.jsonl files (comma-separated paths or globs), tokenised with the model's own tokenizer (`run.tokenizer_of`:
-PATH/tokenizer.json, else the run's data.tokenizer, else Ouro's; --tokenizer overrides).
+--data: empty for a run's own held-out data; a synthetic task name (e.g. phop); chat .jsonl files
+({"messages": ...} or {"prompt", "completion"} lines: loss and accuracy on the assistant tokens only); or
+.txt / .jsonl files (comma-separated paths or globs), tokenised with the model's own tokenizer
+(`run.tokenizer_of`: PATH/tokenizer.json, else the run's data.tokenizer, else Ouro's; --tokenizer overrides).
 """
 
 from __future__ import annotations

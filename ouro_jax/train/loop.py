@@ -179,11 +179,14 @@ def _steps(config, program, state, data_iter, eval_batches, checkpointer, writer
     progress = metrics_lib.Progress(config.total_steps, step, enabled=jax.process_index() == 0)
     last_log_time, last_log_step = time.perf_counter(), step
     tokens_per_step = config.data.batch_size * config.data.seq_len
+    sources = pipeline.mixture_counter(config.data)  # tokens per mixture source, from the batches
     record: dict = {}
     save = lambda: checkpointer.save(int(state.step), *state.checkpoint_items(), data_iter)
     try:
         while step < config.total_steps:
-            batch = sharding.put_batch(next(data_iter), program.batch_sharding)
+            batch = next(data_iter)
+            sources.add(batch)  # pops a mixture's source_ids
+            batch = sharding.put_batch(batch, program.batch_sharding)
             state, step_metrics = program.train_step(state, batch)
             step += 1
             headline = metrics_lib.headline(step_metrics)  # a host sync: a NaN is caught before it is saved
@@ -197,6 +200,7 @@ def _steps(config, program, state, data_iter, eval_batches, checkpointer, writer
                 now = time.perf_counter()
                 logged.update(metrics_lib.flatten(jax.device_get(step_metrics)))
                 logged["tokens_per_s"] = tokens_per_step * (step - last_log_step) / (now - last_log_time)
+                logged.update(sources.flush())
                 last_log_time, last_log_step = now, step
             if eval_batches and (step % config.eval_every_steps == 0 or step == config.total_steps):
                 per_loop = evaluate(program.eval_step, state.params, eval_batches)

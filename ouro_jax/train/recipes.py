@@ -8,6 +8,7 @@ repository checkout on `sys.path`.
   text(size)               language modelling on local .txt/.jsonl (KJV by default)
   pretraining(stage, model)  the paper's five pre-training stages (arXiv:2510.25741 §4.1, Table 1)
   gate_stage2(model)       Stage II: train only the exit gate of a trained model (§3.4)
+  sft(model, weighting)    chat supervised fine-tuning: a CPU demonstration or the released shapes
 """
 
 from __future__ import annotations
@@ -64,8 +65,7 @@ def text(size: str = "small") -> ml_collections.ConfigDict:
     c.objective.beta = 0.1
     c.optimizer.update(learning_rate=1e-3, warmup_steps=100, schedule="wsd", decay_steps=400)
     c.data.update(source="text", seq_len=256, batch_size=16, eval_batches=8, tokenizer="ouro")
-    c.data.text.update(files="kjv", field="text")
-    c.data.text.group_by = ["book", "chapter"]  # one document per chapter
+    c.data.text.update(files="kjv", field="text")  # one document per chapter
     return c
 
 
@@ -82,7 +82,6 @@ def _text_cpu() -> ml_collections.ConfigDict:
     c.optimizer.update(learning_rate=3e-3, warmup_steps=50, schedule="cosine", min_lr_ratio=0.1)
     c.data.update(source="text", seq_len=128, batch_size=16, eval_batches=8, tokenizer="bytes")
     c.data.text.update(files="kjv", field="text")
-    c.data.text.group_by = ["book", "chapter"]
     return c
 
 
@@ -136,7 +135,21 @@ def pretraining(stage: str, model: str = "ouro_1p4b") -> ml_collections.ConfigDi
     c.optimizer.grad_accum_steps = GRAD_ACCUM_V5P_128[model, stage]
     if model == "ouro_2p6b" and stage == "1b":
         c.init_upcycle = "stacked"
+    if stage == "4":
+        c.data.update(source="mixture", mix_by="tokens")
+        c.data.mixture = STAGE4_MIXTURE
     return c
+
+
+STAGE4_MIXTURE = {
+    "sft": {"weight": 90.0, "source": "chat", "chat": {"files": "", "mask": "all"}},
+    "stage1": {"weight": 30.0, "source": "array_record", "array_record": {"paths": ""}},
+    "stage2": {"weight": 180.0, "source": "array_record", "array_record": {"paths": ""}},
+}
+"""Stage 4 (§4.1): 90B tokens of ChatML SFT data, 30B of Stage 1 replay, 180B of Stage 2 replay (weights
+are token shares). Whether Stage 4 trained every token of the SFT conversations is not published; as
+pre-training does, `mask="all"` trains them all (`--config.data.mixture.sft.chat.mask=assistant` for the
+assistant turns only)."""
 
 
 def gate_stage2(model: str = "demo") -> ml_collections.ConfigDict:
@@ -148,10 +161,47 @@ def gate_stage2(model: str = "demo") -> ml_collections.ConfigDict:
         c = demo(steps=300)
     else:
         c = pretraining("4", model)
+        c.data.source = "array_record"  # Stage II reads pre-training shards, not the Stage 4 mixture
         c.total_steps = 2000
     c.objective.stage = 2
     # the next loop's improvement supervises each gate: on fixed and mixed p-hop it beat both the printed
     # pairing and the Stage I gate at equal depth (docs/experiments.md); the printed one did not
     c.objective.pairing = "next"
     c.optimizer.update(learning_rate=1e-3, schedule="constant", warmup_steps=50, weight_decay=0.0)
+    return c
+
+
+SFT_MODELS = ("cpu", "ouro_1p4b", "ouro_2p6b")
+SFT_WEIGHTING = "exit_pdf"
+"""The default SFT objective, chosen by the measured comparison on `sft("cpu")` in docs/sft.md."""
+
+
+def sft(model: str = "cpu", weighting: str = SFT_WEIGHTING) -> ml_collections.ConfigDict:
+    """Chat SFT on `data.chat.files` with the loss on assistant turns (`objective.weighting`: Stage I
+    "exit_pdf", the released code's "logit_mixture" or "last_loop").
+
+    "cpu": the byte-level `text("cpu")` model on `chat.generated_conversations()` (no files needed),
+    128-token rows. "ouro_1p4b" / "ouro_2p6b": the Thinking models' SFT (§4.2): 32K context, Adam
+    (0.9, 0.95) without weight decay, lr 2e-5 cosine, 2 epochs, from `init_from` (a run, or an HF
+    directory imported with `python -m ouro_jax.convert --to=run`). Batch (64 rows of 32K), warmup (1 %)
+    and steps (about 2 epochs of 8.3M conversations of ~4K tokens) are not published: set
+    `--config.total_steps` for your data.
+    """
+    if model == "cpu":
+        c = text("cpu")
+        c.total_steps = 400
+        c.log_every_steps = 20
+        c.eval_every_steps = 100
+        c.optimizer.update(learning_rate=2e-3, warmup_steps=40, schedule="cosine", min_lr_ratio=0.1)
+        c.data.update(source="chat", seq_len=128, batch_size=16, eval_batches=8, eval_fraction=0.05)
+        c.data.chat.files = "generated"
+    else:
+        c = pretraining("4", model)
+        c.data.update(source="chat", seq_len=32768, batch_size=64, num_epochs=2)
+        c.data.chat.files = ""
+        c.total_steps = 32_000
+        c.optimizer.update(learning_rate=2e-5, schedule="cosine", min_lr_ratio=0.0, warmup_steps=320,
+                           b1=0.9, b2=0.95, weight_decay=0.0, grad_accum_steps=1)
+    c.data.chat.update(mask="assistant", overflow="truncate")
+    c.objective.weighting = weighting
     return c
