@@ -12,6 +12,8 @@ before the model loads.
 
 from __future__ import annotations
 
+import signal
+
 from absl import flags
 
 from ouro_jax import cli
@@ -60,6 +62,10 @@ def main(argv):
                    exit_threshold=_EXIT_THRESHOLD.value, skipped_kv=_SKIPPED_KV.value,
                    kv_sharing=_KV_SHARING.value, api_key=_API_KEY.value,
                    model_name=_NAME.value, dtype=_DTYPE.value)
+    # uvicorn drains on SIGTERM / SIGINT, then restores the handlers it found and raises the signal again;
+    # handlers that ignore it make the drained server exit 0 instead of dying by the signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=_HOST.value, port=_PORT.value, log_level="warning")
 
 

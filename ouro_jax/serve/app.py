@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -217,7 +218,7 @@ def create_app(runner: Runner, model, tokenizer, *, model_name: str, eos_token_i
                 "mean_loops_per_token": sum(loops) / len(loops) if loops else None}
 
     def token_text(token: int) -> str:
-        return tokenizer.decode([token], skip_special_tokens=False)
+        return token_string(tokenizer, token)
 
     stop_ids_all = frozenset(eos_token_ids)
 
@@ -273,7 +274,8 @@ def create_app(runner: Runner, model, tokenizer, *, model_name: str, eos_token_i
 
         def logprobs_of(choice: int, events: list[TokenEvent], offset: int) -> dict | None:
             """OpenAI's completion logprobs: the prompt's (with echo) then the generated tokens'; a
-            generated token's top_logprobs hold only itself (the backend returns one log-prob a token)."""
+            generated token's top_logprobs hold only itself (the backend returns one log-prob a token), and
+            its log-prob is null where the backend computes none (`StaticBatchBackend(logprobs=False)`)."""
             if body.logprobs is None:
                 return None
             tokens, token_logprobs, top = [], [], []
@@ -283,8 +285,8 @@ def create_app(runner: Runner, model, tokenizer, *, model_name: str, eos_token_i
                 top = [None if d is None else {token_text(t): x for t, x in d.items()} for d in tops]
             for e in events:
                 tokens.append(token_text(e.token))
-                token_logprobs.append(e.logprob)
-                top.append({token_text(e.token): e.logprob} if body.logprobs else {})
+                token_logprobs.append(_known(e.logprob))
+                top.append({tokens[-1]: e.logprob} if body.logprobs and _known(e.logprob) is not None else {})
             offsets, at = [], offset
             for t in tokens:
                 offsets.append(at)
@@ -305,8 +307,9 @@ def create_app(runner: Runner, model, tokenizer, *, model_name: str, eos_token_i
         if body.stream:
             def chunk(c: int, e: TokenEvent | None, text: str) -> dict:
                 logprobs = None if body.logprobs is None or e is None else {
-                    "tokens": [token_text(e.token)], "token_logprobs": [e.logprob],
-                    "top_logprobs": [{token_text(e.token): e.logprob}], "text_offset": [0]}
+                    "tokens": [token_text(e.token)], "token_logprobs": [_known(e.logprob)],
+                    "top_logprobs": [{} if _known(e.logprob) is None else {token_text(e.token): e.logprob}],
+                    "text_offset": [0]}
                 return {"index": c, "text": text, "logprobs": logprobs,
                         "finish_reason": None if e is None else e.finish_reason}
 
@@ -360,6 +363,18 @@ def create_app(runner: Runner, model, tokenizer, *, model_name: str, eos_token_i
                 "choices": choices, "usage": usage([ids], per_choice)}
 
     return app
+
+
+def _known(logprob: float) -> float | None:
+    """A log-probability for JSON: None where the backend gave NaN (none computed)."""
+    return None if math.isnan(logprob) else logprob
+
+
+def token_string(tokenizer, token: int) -> str:
+    """A token as the logprobs lists name it: its text, or its vocabulary entry where its text is not whole
+    UTF-8 (a byte of a longer character), so that different ids get different names."""
+    text = tokenizer.decode([token], skip_special_tokens=False)
+    return tokenizer.id_to_token(token) if "\ufffd" in text or not text else text
 
 
 def _sse(name: str, model: str, kind: str, choice: dict) -> str:

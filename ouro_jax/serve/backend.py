@@ -78,14 +78,15 @@ class StaticBatchBackend:
     takes them per call), left-padded into one `generate` call of `max_slots` rows (empty slots hold a
     one-token prompt) whose width and new-token count are `shape_bucket`s. The batch runs in a worker
     thread; every row waits for the longest one and a slot frees only when the whole batch ends (an
-    aborted row gets no more events but keeps its slot). Tokens stream through `generate(on_token=...)`;
-    with `logprobs=True` the batch keeps every loop's logits (`output_loop_logits`, an [M, T, B, V]
-    buffer) and its events come when it ends, each token's log-probability read at its exit loop.
+    aborted row gets no more events but keeps its slot). Tokens stream through `generate(on_token=...)`
+    with NaN log-probabilities; with `logprobs=True` the batch keeps every loop's logits
+    (`output_loop_logits`, an [M, T, B, V] buffer: T LM heads a token) and its events come only when it
+    ends, each token's log-probability read at its exit loop. (The continuous-batching engine gets both.)
     """
 
     def __init__(self, model, *, max_slots: int, max_context: int, eos_token_ids: Sequence[int] = (),
                  tokenizer=None, skipped_kv: str = "project", kv_sharing: str = "none",
-                 exit_threshold: float | None = None, pad_id: int = 0, logprobs: bool = True):
+                 exit_threshold: float | None = None, pad_id: int = 0, logprobs: bool = False):
         if max_slots < 1:
             raise ValueError(f"max_slots={max_slots} must be >= 1")
         if not 2 <= max_context <= model.config.max_position_embeddings:
@@ -103,6 +104,7 @@ class StaticBatchBackend:
         self._running: dict[int, _Request] = {}
         self._events: queue.Queue = queue.Queue()  # lists of TokenEvent, None when a batch ends
         self._worker: threading.Thread | None = None
+        self.compile_s = 0.0  # seconds `generate` spent compiling, summed over the batches run
 
     # --- the interface -----------------------------------------------------------------------------
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> int:
@@ -216,6 +218,7 @@ class StaticBatchBackend:
         def run():
             try:
                 out = generate(self.model, **kwargs, on_token=None if self.logprobs else on_token)
+                self.compile_s += out.stats.compile_s
                 if self.logprobs:
                     self._events.put(_logprob_events(out, slots, temperature))
                 self._events.put(None)
