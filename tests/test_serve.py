@@ -404,5 +404,6 @@ def test_lm_eval_local_completions_equals_the_native_model(server, model_dir, tm
                                            np.asarray(b["filtered_resps"], float), atol=1e-4)
         for metric, value in theirs["results"][task].items():
             if isinstance(value, float):
-                assert ours["results"][task][metric] == pytest.approx(value, rel=1e-4, abs=1e-4), (task, metric)
+                got = ours["results"][task][metric]
+                assert got == pytest.approx(value, rel=1e-4, abs=1e-4), (task, metric)
     assert theirs["samples"]["ouro_gen"][0]["filtered_resps"] == [uncut[:uncut.index(stop)]]
