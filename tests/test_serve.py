@@ -152,6 +152,8 @@ BAD = [
     ("exit_threshold above 1", "/v1/completions", {"model": NAME, "prompt": "hi", "exit_threshold": 2}, 400),
     ("stream as a string", "/v1/completions", {"model": NAME, "prompt": "hi", "stream": "yes"}, 400),
     ("chat without messages", "/v1/chat/completions", {"model": NAME, "messages": []}, 400),
+    ("chat max_tokens 0", "/v1/chat/completions",
+     {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400),
     ("chat message without content", "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user"}]},
      400),
     ("chat unknown role", "/v1/chat/completions",

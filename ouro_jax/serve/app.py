@@ -30,6 +30,7 @@ from ouro_jax.serve.runner import Runner
 
 MAX_N = 16  # choices per prompt
 MAX_TOP_LOGPROBS = 5  # as OpenAI's completions API
+DEFAULT_CHAT_TOKENS = 256  # a chat request without max_tokens: at most this many (and what the context holds)
 
 
 class _Body(BaseModel):
@@ -272,7 +273,7 @@ def create_app(runner: Runner, model, tokenizer, *, model_name: str, eos_token_i
         request_ids, outbox = ([], None) if max_tokens == 0 else await start(rows, params)
         name = f"cmpl-{uuid.uuid4().hex}"
 
-        def logprobs_of(choice: int, events: list[TokenEvent], offset: int) -> dict | None:
+        def logprobs_of(choice: int, events: list[TokenEvent]) -> dict | None:
             """OpenAI's completion logprobs: the prompt's (with echo) then the generated tokens'; a
             generated token's top_logprobs hold only itself (the backend returns one log-prob a token), and
             its log-prob is null where the backend computes none (`StaticBatchBackend(logprobs=False)`)."""
@@ -287,7 +288,7 @@ def create_app(runner: Runner, model, tokenizer, *, model_name: str, eos_token_i
                 tokens.append(token_text(e.token))
                 token_logprobs.append(_known(e.logprob))
                 top.append({tokens[-1]: e.logprob} if body.logprobs and _known(e.logprob) is not None else {})
-            offsets, at = [], offset
+            offsets, at = [], 0
             for t in tokens:
                 offsets.append(at)
                 at += len(t)
@@ -298,7 +299,7 @@ def create_app(runner: Runner, model, tokenizer, *, model_name: str, eos_token_i
             return tokenizer.decode(rows[choice], skip_special_tokens=False)
 
         if max_tokens == 0:  # echo only: the prompts (and their log-probs), nothing generated
-            choices = [{"index": c, "text": echo_text(c), "logprobs": logprobs_of(c, [], 0),
+            choices = [{"index": c, "text": echo_text(c), "logprobs": logprobs_of(c, []),
                         "finish_reason": "length"} for c in range(len(rows))]
             return {"id": name, "object": "text_completion", "created": int(time.time()), "model": model_name,
                     "choices": choices, "usage": usage(prompts, [])}
@@ -325,7 +326,7 @@ def create_app(runner: Runner, model, tokenizer, *, model_name: str, eos_token_i
             d = detok[c]
             d.tokens = completion_tokens(events)
             prefix = echo_text(c) if body.echo else ""
-            choices.append({"index": c, "text": prefix + d.finish(), "logprobs": logprobs_of(c, events, 0),
+            choices.append({"index": c, "text": prefix + d.finish(), "logprobs": logprobs_of(c, events),
                             "finish_reason": events[-1].finish_reason})
         return {"id": name, "object": "text_completion", "created": int(time.time()), "model": model_name,
                 "choices": choices, "usage": usage(prompts, per_choice)}
@@ -333,7 +334,9 @@ def create_app(runner: Runner, model, tokenizer, *, model_name: str, eos_token_i
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
         ids = tok.encode_chat(tokenizer, [m.model_dump() for m in body.messages])
-        max_tokens = body.max_tokens or min(max_context - len(ids), 256)
+        if body.max_tokens == 0:
+            raise ApiError(400, "max_tokens must be >= 1", param="max_tokens")
+        max_tokens = body.max_tokens or min(max_context - len(ids), DEFAULT_CHAT_TOKENS)
         check_prompt(ids, max_tokens)
         params = [params_of(body, max_tokens, j) for j in range(body.n)]
         request_ids, outbox = await start([ids] * body.n, params)
