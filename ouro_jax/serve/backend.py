@@ -198,12 +198,6 @@ class StaticBatchBackend:
                     seed=np.asarray([s % (1 << 32) for s in seeds], np.uint32), stop_tokens=sorted(stop),
                     pad_id=self.pad_id, output_loop_logits=self.logprobs)
 
-    def precompile(self, prompt_width: int, max_tokens: int) -> None:
-        """Compile (by running once) the batch program for prompts up to `prompt_width` tokens and up to
-        `max_tokens` new tokens, greedy, under the default exit policy."""
-        request = _Request(-1, [self.pad_id] * prompt_width, SamplingParams(max_tokens=max_tokens))
-        generate(self.model, **self.generate_kwargs([request]))
-
     def _start(self, batch: list[_Request]) -> None:
         self._running = {r.id: r for r in batch}
         kwargs = self.generate_kwargs(batch)
