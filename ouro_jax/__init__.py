@@ -8,7 +8,7 @@ Public API:
   generate, left_pad                         KV-cached generation with adaptive exit (ouro_jax.inference)
 
 Commands (`python -m ouro_jax.<package>`): train, inference (generation), convert (HF export/import),
-data (tokenised shards), evaluate, experiments, aot, benchmarks.
+data (tokenised shards), evaluate, experiments, aot, benchmarks, serve (OpenAI-compatible server).
 """
 
 from ouro_jax import objective

@@ -225,3 +225,30 @@ def test_decode_split_smoke_run_reports_shares_and_bytes(tmp_path):
     assert shares["weight matmuls"] > 0 and shares["attention"] > 0 and figure["operations_per_step"] > 0
     assert figure["weight_mb_per_step"] == pytest.approx(4 * (16 * 802_816 + 4096 * 256) / 1e6)
     assert figure["kv_mb_per_step"] == pytest.approx(4 * 16 * 1 * 4 * 64 * (4 + 3) * 2 / 1e6)
+
+
+@pytest.mark.slow
+def test_serve_smoke_run(tmp_path):
+    from ouro_jax.benchmarks.serve import workload
+    from ouro_jax.model.config import tiny
+
+    bad = _benchmarks("--bench=serve", "--serve_backends=static,nope")
+    assert bad.returncode == 1 and bad.stderr.startswith("error: --serve_backends: unknown ['nope']")
+    figures = tmp_path / "bench.json"
+    done = _benchmarks("--bench=serve", "--shape=tiny", "--serve_requests=3", "--serve_rates=20",
+                       "--serve_thresholds=none,0.5", "--serve_prompt_lens=2,6", "--serve_output_lens=2,9",
+                       "--max_slots=2", f"--json={figures}")
+    assert done.returncode == 0, done.stderr
+    assert "| backend | exit | rate req/s | tok/s | vs static |" in done.stdout
+    runs = json.loads(figures.read_text())["serve"]["figures"]["runs"]
+    assert [(r["backend"], r["exit_threshold"]) for r in runs] == [
+        ("static", None), ("hf", None), ("static", 0.5), ("hf", 0.5)]
+    # Every request produced exactly its output length (no stop tokens in the benchmark).
+    expected = sum(a.max_tokens for a in workload(3, 20.0, (2, 6), (2, 9), tiny().vocab_size))
+    loops = tiny().total_ut_steps
+    for r in runs:
+        assert r["tokens"] == expected and r["tokens_per_s"] > 0
+        assert 0 <= r["ttft_p50_s"] <= r["ttft_p99_s"] and 0 <= r["tpot_p50_s"] <= r["tpot_p99_s"]
+        assert r["mean_loops"] == loops if r["backend"] == "hf" or r["exit_threshold"] is None else (
+            1 <= r["mean_loops"] <= loops)
+    assert runs[0]["throughput_vs_static"] == 1.0

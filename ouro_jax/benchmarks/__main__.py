@@ -10,9 +10,10 @@ markdown and add its figures to FILE (a JSON object keyed by benchmark name; oth
     python -m ouro_jax.benchmarks --bench=decode.split --batches=1,8,32
     python -m ouro_jax.benchmarks --bench=convert.roundtrip --preset=ouro_1p4b
     python -m ouro_jax.benchmarks --bench=eval.sweep --repeats=1 --eval_docs=16
+    python -m ouro_jax.benchmarks --bench=serve --serve_rates=1,4 --serve_thresholds=none,0.5
 
 NAME is a benchmark (`BENCHMARKS`) or a group (train, decode, convert, eval). What each measures is in the
-docstrings of `ouro_jax.benchmarks.train`, `.decode`, `.decode_split`, `.convert` and `.eval_sweep`. Bad
+docstrings of `ouro_jax.benchmarks.train`, `.decode`, `.decode_split`, `.convert`, `.eval_sweep` and `.serve`. Bad
 input prints one line.
 """
 
@@ -26,14 +27,13 @@ from ouro_jax import cli
 from ouro_jax.benchmarks.common import SHAPES
 
 BENCHMARKS = ("train.compile", "train.memory", "train.fwd_bwd", "train.step", "decode.speed", "decode.cache",
-              "decode.exit", "decode.rows", "decode.split", "convert.roundtrip",
-              "eval.sweep")
+              "decode.exit", "decode.rows", "decode.split", "convert.roundtrip", "eval.sweep", "serve")
 
 _BENCH = flags.DEFINE_list("bench", None, "Benchmarks or groups to run: " + ", ".join(BENCHMARKS) + ".")
 _JSON = flags.DEFINE_string("json", None, "Add the figures to this JSON file.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (train.*: median; decode.*: minimum).")
 _SHAPE = flags.DEFINE_enum("shape", "cpu_benchmark", list(SHAPES),
-                           "train.*, decode.*: the model (cpu_benchmark: the figures'; tiny: smoke runs).")
+                           "train.*, decode.*, serve: the model (cpu_benchmark: the figures'; tiny: smoke runs).")
 # train.*
 _BATCH = flags.DEFINE_integer("batch", 8, "train.*: batch rows.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "train.*: tokens per row.")
@@ -73,6 +73,17 @@ _EVAL_TRAINED = flags.DEFINE_integer("eval_trained_loops", 4, "eval.sweep: the m
 _EVAL_HIDDEN = flags.DEFINE_integer("eval_hidden_size", 128, "eval.sweep: hidden size.", lower_bound=16)
 _EVAL_LAYERS = flags.DEFINE_integer("eval_layers", 2, "eval.sweep: decoder layers.", lower_bound=1)
 _EVAL_BATCH = flags.DEFINE_integer("eval_batch", 8, "eval.sweep: rows per scoring batch.", lower_bound=1)
+# serve
+_SERVE_BACKENDS = flags.DEFINE_list("serve_backends", ["static", "hf"], "serve: backends to load: "
+                                    "ouro_jax.serve.server.BACKENDS names and 'hf' (Hugging Face generate).")
+_SERVE_RATES = flags.DEFINE_list("serve_rates", ["1", "4"], "serve: Poisson arrival rates (requests/s).")
+_SERVE_THRESHOLDS = flags.DEFINE_list("serve_thresholds", ["none", "0.5"],
+                                      "serve: exit settings: 'none' (full depth) or a Q-exit q.")
+_SERVE_REQUESTS = flags.DEFINE_integer("serve_requests", 32, "serve: requests per run.")
+_SERVE_PROMPT_LENS = flags.DEFINE_list("serve_prompt_lens", ["16", "128"], "serve: prompt length range.")
+_SERVE_OUTPUT_LENS = flags.DEFINE_list("serve_output_lens", ["8", "512"], "serve: output length range.")
+_MAX_SLOTS = flags.DEFINE_integer("max_slots", 8, "serve: slots (batch rows) of every backend.")
+_GATE_SCALE = flags.DEFINE_float("gate_scale", 10.0, "serve: factor on the random exit gate's kernel.")
 flags.mark_flag_as_required("bench")
 
 
@@ -89,16 +100,17 @@ def selected(names: list[str]) -> list[str]:
 
 
 def _numbers(flag) -> list:
-    kind = float if flag.name in ("thresholds", "deltas", "gate_scales", "row_thresholds") else int
+    kind = float if flag.name in ("thresholds", "deltas", "gate_scales", "row_thresholds", "serve_rates",
+                                  "serve_thresholds") else int
     try:
-        return [kind(v) for v in flag.value]
+        return [None if v == "none" and flag.name == "serve_thresholds" else kind(v) for v in flag.value]
     except ValueError:
         raise cli.UserError(f"--{flag.name}={','.join(flag.value)}: expected numbers") from None
 
 
 def _run(name: str):
     """The `Result` of benchmark `name` with the flags' settings."""
-    from ouro_jax.benchmarks import convert, decode, decode_split, eval_sweep, train
+    from ouro_jax.benchmarks import convert, decode, decode_split, eval_sweep, serve, train
 
     sizes = dict(batch=_BATCH.value, seq_len=_SEQ_LEN.value, beta=_BETA.value, shape=_SHAPE.value)
     layout = dict(remat_policy=_REMAT_POLICY.value, scan_layers=_SCAN_LAYERS.value)
@@ -119,6 +131,12 @@ def _run(name: str):
                                            gate_scales=_numbers(_GATE_SCALES),
                                            thresholds=_numbers(_ROW_THRESHOLDS), **tokens),
         "decode.split": lambda: decode_split.split(repeats=repeats, batches=_numbers(_BATCHES), **tokens),
+        "serve": lambda: serve.serve(
+            backends=_SERVE_BACKENDS.value, rates=_numbers(_SERVE_RATES),
+            thresholds=_numbers(_SERVE_THRESHOLDS),
+            num_requests=_SERVE_REQUESTS.value, prompt_lens=tuple(_numbers(_SERVE_PROMPT_LENS)),
+            output_lens=tuple(_numbers(_SERVE_OUTPUT_LENS)), max_slots=_MAX_SLOTS.value,
+            gate_scale=_GATE_SCALE.value, preset=_SHAPE.value),
         "convert.roundtrip": lambda: convert.roundtrip(preset=_PRESET.value, dtype=_DTYPE.value,
                                                        workdir=_WORKDIR.value, keep=_KEEP.value),
         "eval.sweep": lambda: eval_sweep.sweep(
@@ -128,11 +146,35 @@ def _run(name: str):
     }[name]()
 
 
+def _check_serve() -> None:
+    """The serve flags, checked before anything loads."""
+    from ouro_jax.serve.server import BACKENDS
+
+    unknown = [b for b in _SERVE_BACKENDS.value if b not in (*BACKENDS, "hf")]
+    if unknown or not _SERVE_BACKENDS.value:
+        choices = ", ".join((*BACKENDS, "hf"))
+        raise cli.UserError(f"--serve_backends: unknown {unknown}; choose from {choices}")
+    for flag in (_SERVE_PROMPT_LENS, _SERVE_OUTPUT_LENS):
+        low_high = _numbers(flag)
+        if len(low_high) != 2 or not 1 <= low_high[0] <= low_high[1]:
+            raise cli.UserError(f"--{flag.name}={','.join(flag.value)}: expected LOW,HIGH with "
+                                "1 <= LOW <= HIGH")
+    if any(r <= 0 for r in _numbers(_SERVE_RATES)) or not _SERVE_RATES.value:
+        raise cli.UserError(f"--serve_rates={','.join(_SERVE_RATES.value)}: rates must be > 0")
+    if any(q is not None and not 0 <= q <= 1 for q in _numbers(_SERVE_THRESHOLDS)):
+        raise cli.UserError(f"--serve_thresholds={','.join(_SERVE_THRESHOLDS.value)}: q must lie in [0, 1]")
+    if _SERVE_REQUESTS.value < 1 or _MAX_SLOTS.value < 1:
+        raise cli.UserError("--serve_requests and --max_slots must be >= 1")
+
+
 def main(argv):
     del argv
     names = selected(_BENCH.value)
-    for flag in (_BATCHES, _EXIT_BATCHES, _THRESHOLDS, _DELTAS, _ROW_BATCHES, _GATE_SCALES, _ROW_THRESHOLDS):
+    for flag in (_BATCHES, _EXIT_BATCHES, _THRESHOLDS, _DELTAS, _ROW_BATCHES, _GATE_SCALES, _ROW_THRESHOLDS,
+                 _SERVE_RATES, _SERVE_THRESHOLDS, _SERVE_PROMPT_LENS, _SERVE_OUTPUT_LENS):
         _numbers(flag)  # refuse bad numbers before anything runs
+    if "serve" in names:
+        _check_serve()
     if _REPEATS.value < 1:
         raise cli.UserError(f"--repeats={_REPEATS.value} must be >= 1")
     from ouro_jax.benchmarks import common
