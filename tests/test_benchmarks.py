@@ -38,10 +38,20 @@ SMOKE = {
 }
 
 
+# Benchmarks whose smoke run checks their figures too, in a test of their own.
+OWN_SMOKE_TEST = {"serve": "tests/test_benchmarks.py::test_serve_smoke_run",
+                  "eval.sweep": "tests/test_eval_tasks.py::test_eval_sweep_benchmark_smoke_run"}
+
+
 def test_every_benchmark_has_a_smoke_run():
     from ouro_jax.benchmarks.__main__ import BENCHMARKS
 
-    assert sorted(SMOKE) == sorted(BENCHMARKS)
+    assert sorted([*SMOKE, *OWN_SMOKE_TEST]) == sorted(BENCHMARKS)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for test in OWN_SMOKE_TEST.values():
+        path, name = test.split("::")
+        with open(os.path.join(repo, path)) as f:
+            assert f"def {name}(" in f.read(), test
 
 
 @pytest.mark.slow

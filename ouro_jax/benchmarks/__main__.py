@@ -13,8 +13,8 @@ markdown and add its figures to FILE (a JSON object keyed by benchmark name; oth
     python -m ouro_jax.benchmarks --bench=serve --serve_rates=1,4 --serve_thresholds=none,0.5
 
 NAME is a benchmark (`BENCHMARKS`) or a group (train, decode, convert, eval). What each measures is in the
-docstrings of `ouro_jax.benchmarks.train`, `.decode`, `.decode_split`, `.convert`, `.eval_sweep` and `.serve`. Bad
-input prints one line.
+docstrings of `ouro_jax.benchmarks.train`, `.decode`, `.decode_split`, `.convert`, `.eval_sweep` and
+`.serve`. Bad input prints one line.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _BENCH = flags.DEFINE_list("bench", None, "Benchmarks or groups to run: " + ", "
 _JSON = flags.DEFINE_string("json", None, "Add the figures to this JSON file.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (train.*: median; decode.*: minimum).")
 _SHAPE = flags.DEFINE_enum("shape", "cpu_benchmark", list(SHAPES),
-                           "train.*, decode.*, serve: the model (cpu_benchmark: the figures'; tiny: smoke runs).")
+                           "train.*, decode.*, serve: the model (cpu_benchmark: the figures'; tiny: smoke).")
 # train.*
 _BATCH = flags.DEFINE_integer("batch", 8, "train.*: batch rows.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "train.*: tokens per row.")
