@@ -14,7 +14,7 @@ code's `cache_idx`), so that a loop reads and writes its slots with no slicing c
                       is 1/T of "none".
 Decoded token j (the j-th token fed back, j = 0..M-2) lives at position j; position M-1 is never written
 (the last generated token is not fed back). The decoder allocates the decode slots for its first phase
-and `grow`s them phase by phase to M positions (`decode.cache_phases`), so M above is their final length.
+and `grow`s them phase by phase to M positions (`step.cache_phases`), so M above is their final length.
 
 Which K/V a query reads, for the token being decoded at loop index t, layer l:
   * prompt tokens: their own loop-t K/V, slot (t, l);
@@ -83,16 +83,16 @@ class KVCache:
     sharing: str = struct.field(pytree_node=False)
 
     @classmethod
-    def create(cls, prompt_k, prompt_v, max_new_tokens: int, sharing: str) -> KVCache:
+    def create(cls, prompt_k, prompt_v, decoded_length: int, sharing: str) -> KVCache:
         """Wrap the prefill's K/V (nested [t][l] lists of [B, K, P, H]) and allocate zeroed decode slots
-        for `max_new_tokens` tokens (the decoder passes its first phase's length, `grow` adds the rest)."""
+        of `decoded_length` positions (the decoder passes its first phase's length, `grow` adds the rest)."""
         if sharing not in SHARING:
             raise ValueError(f"kv_sharing={sharing!r} must be one of {SHARING}")
         flat = lambda nested: tuple(x for per_loop in nested for x in per_loop)
         b, k, _, h = prompt_k[0][0].shape
         slots = len(prompt_k) * len(prompt_k[0]) if sharing == "none" else len(prompt_k[0])
         dtype = prompt_k[0][0].dtype
-        zeros = lambda: tuple(jnp.zeros((b, k, max_new_tokens, h), dtype) for _ in range(slots))
+        zeros = lambda: tuple(jnp.zeros((b, k, decoded_length, h), dtype) for _ in range(slots))
         return cls(flat(prompt_k), flat(prompt_v), zeros(), zeros(), len(prompt_k[0]), sharing)
 
     @property
