@@ -117,7 +117,7 @@ class KVCache:
         return self.decode_k[slot], self.decode_v[slot]
 
     def write(self, position: jax.Array, k: jax.Array, v: jax.Array, exit_loop: jax.Array) -> KVCache:
-        """Store one decoded token at `position`.
+        """Store one decoded token at `position` (a scalar, or [B] a position per row).
 
         k, v [T, N, B, K, H]: with sharing "none" the entries of every (loop, layer) slot, skipped loops
         already filled (`fill_skipped`, or by the decoder's `skipped_kv` policy); with "last" /
@@ -130,9 +130,14 @@ class KVCache:
             k, v = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])  # [T*N, B, K, H]
         else:
             k, v = share(k, exit_loop, self.sharing), share(v, exit_loop, self.sharing)  # [N, B, K, H]
-        update = lambda slots, new: tuple(
-            jax.lax.dynamic_update_slice(slot, x[:, :, None], (0, 0, position, 0))
-            for slot, x in zip(slots, new, strict=True))
+        if jnp.ndim(position) == 0:
+            update = lambda slots, new: tuple(
+                jax.lax.dynamic_update_slice(slot, x[:, :, None], (0, 0, position, 0))
+                for slot, x in zip(slots, new, strict=True))
+        else:  # a position per row; positions past the slots are dropped
+            rows = jnp.arange(position.shape[0])
+            update = lambda slots, new: tuple(slot.at[rows, :, position].set(x, mode="drop")
+                                              for slot, x in zip(slots, new, strict=True))
         return self.replace(decode_k=update(self.decode_k, k), decode_v=update(self.decode_v, v))
 
     def nbytes(self) -> dict[str, int]:

@@ -189,8 +189,8 @@ def _inputs(vocab_size: int, input_ids, prompt_lengths, max_new_tokens: int, for
     return ids.astype(np.int32), lengths, forced_tokens
 
 
-def _policy(num_loops, exit_threshold, exit_at_loop, exit_policy, hidden_delta_eps):
-    """(ExitPolicy, threshold) from generate's exit arguments, validated."""
+def exit_settings(num_loops, exit_threshold, exit_at_loop, exit_policy, hidden_delta_eps):
+    """(ExitPolicy, threshold) from generate's exit arguments, validated (ValueError)."""
     if exit_policy not in EXIT_POLICIES:
         raise ValueError(f"exit_policy={exit_policy!r} must be one of {EXIT_POLICIES}")
     if exit_at_loop is not None:
@@ -214,6 +214,14 @@ def _policy(num_loops, exit_threshold, exit_at_loop, exit_policy, hidden_delta_e
     return ExitPolicy("gate", num_loops), exit_threshold
 
 
+def effective_skipped_kv(policy: ExitPolicy, skipped_kv: str, kv_sharing: str) -> str:
+    """The skipped-K/V policy a configuration runs: a fixed depth skips none of the loops it runs (the
+    cache holds just those), so it has nothing to fill: "compute" names that, and spares every decode
+    step the "project" fill's N K/V projections; with KV sharing skipped loops are never computed and a
+    decoded token has no per-loop slots to fill ("copy")."""
+    return "compute" if policy.kind == "fixed" else skipped_kv if kv_sharing == "none" else "copy"
+
+
 def _settings(config, max_new_tokens: int, *, exit_threshold, exit_at_loop, exit_policy, hidden_delta_eps,
               kv_sharing, temperature, top_k, top_p, stop_tokens, pad_id, output_loop_logits,
               stream: bool, skipped_kv: str = DEFAULT_SKIPPED_KV,
@@ -227,12 +235,10 @@ def _settings(config, max_new_tokens: int, *, exit_threshold, exit_at_loop, exit
             top_p is not None and not 0 < top_p <= 1):
         raise ValueError(f"need temperature >= 0, 1 <= top_k <= vocab, 0 < top_p <= 1; got "
                          f"{temperature}, {top_k}, {top_p}")
-    policy, threshold = _policy(config.total_ut_steps, exit_threshold, exit_at_loop, exit_policy,
+    policy, threshold = exit_settings(config.total_ut_steps, exit_threshold, exit_at_loop, exit_policy,
                                 hidden_delta_eps)
     greedy = temperature == 0
-    # A fixed depth skips none of the loops it runs (the cache holds just those), so it has nothing to
-    # fill: "compute" names that, and spares every decode step the "project" fill's N K/V projections.
-    skipped_kv = "compute" if policy.kind == "fixed" else skipped_kv if kv_sharing == "none" else "copy"
+    skipped_kv = effective_skipped_kv(policy, skipped_kv, kv_sharing)
     spec = DecodeSpec(policy=policy, kv_sharing=kv_sharing, skipped_kv=skipped_kv,
                       max_new_tokens=max_new_tokens, greedy=greedy,
                       top_k=None if greedy else top_k, top_p=not greedy and top_p is not None,

@@ -151,13 +151,12 @@ def fused_layers(model) -> list:
 
 
 # --- prefill ---------------------------------------------------------------------------------------
-def prefill(graphdef, spec: DecodeSpec, params, input_ids, lengths, keys, forced,
-            knobs: Knobs) -> DecodeState:
-    """All prompt tokens through all T loops; the first new token from the last position's exit loop."""
-    model = nnx.merge(graphdef, params)
+def prompt_loops(model, input_ids, lengths, num_loops: int):
+    """Left-padded prompts input_ids [B, P] with `lengths` [B] real tokens through `num_loops` loops
+    -> (k, v nested [t][l] lists of [B, K, P, H], the last position's normed states [T, B, D], its gate
+    logits [T, B])."""
     cfg = model.config
-    b, p = input_ids.shape
-    num_loops, m = spec.policy.num_loops, spec.max_new_tokens
+    p = input_ids.shape[1]
     index = jnp.arange(p)
     pad = (p - lengths)[:, None]
     valid = index[None] >= pad  # [B, P]
@@ -179,7 +178,17 @@ def prefill(graphdef, spec: DecodeSpec, params, input_ids, lengths, keys, forced
         vs.append(v)
         last.append(h[:, -1])
         gates.append(model.gate_logit(h[:, -1:])[:, 0])
-    last, gates = jnp.stack(last), jnp.stack(gates)  # [T, B, D], [T, B]
+    return ks, vs, jnp.stack(last), jnp.stack(gates)
+
+
+def prefill(graphdef, spec: DecodeSpec, params, input_ids, lengths, keys, forced,
+            knobs: Knobs) -> DecodeState:
+    """All prompt tokens through all T loops; the first new token from the last position's exit loop."""
+    model = nnx.merge(graphdef, params)
+    cfg = model.config
+    b = input_ids.shape[0]
+    num_loops, m = spec.policy.num_loops, spec.max_new_tokens
+    ks, vs, last, gates = prompt_loops(model, input_ids, lengths, num_loops)
     exit_index = spec.policy.first_exit(last, gates, knobs.threshold)
     logits = model.logits(select_loop(last, exit_index)[:, None])[:, 0]
     token, logprob = sample(logits, keys, 0, greedy=spec.greedy, temperature=knobs.temperature,
