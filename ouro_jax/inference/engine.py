@@ -137,8 +137,14 @@ def _decode_step(graphdef, spec: DecodeSpec, params, state: SlotState):
     return state, token, logprob, exit_index
 
 
+@functools.partial(jax.jit, donate_argnums=(0,))
 def _release(state: SlotState, slot) -> SlotState:
     return state.replace(active=state.active.at[slot].set(False))
+
+
+# Compiled once per (model structure, spec, shapes), shared by every engine of that configuration.
+_insert_jit = jax.jit(_insert, static_argnums=(0, 1), donate_argnums=(3,))
+_decode_jit = jax.jit(_decode_step, static_argnums=(0, 1), donate_argnums=(3,))
 
 
 @dataclasses.dataclass
@@ -196,9 +202,6 @@ class Engine:
         self._slots: list[_Request | None] = [None] * max_slots
         self._queue: deque[_Request] = deque()
         self._ids = itertools.count()
-        jit = functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-        self._insert, self._decode = jit(_insert), jit(_decode_step)
-        self._release = jax.jit(_release, donate_argnums=(0,))
 
     def _empty_state(self) -> SlotState:
         cfg, s, c = self.model.config, self.max_slots, self.max_context
@@ -250,7 +253,7 @@ class Engine:
 
     def _free(self, slot: int) -> None:
         self._slots[slot] = None
-        self._state = self._release(self._state, slot)
+        self._state = _release(self._state, slot)
 
     # --- one iteration --------------------------------------------------------------------------------
     def step(self) -> list[TokenEvent]:
@@ -263,7 +266,7 @@ class Engine:
         running = [s for s, r in enumerate(self._slots) if r is not None]
         if not running:
             return events
-        self._state, tokens, logprobs, exit_index = self._decode(self._graphdef, self.spec, self._params,
+        self._state, tokens, logprobs, exit_index = _decode_jit(self._graphdef, self.spec, self._params,
                                                                  self._state)
         tokens, logprobs, exit_index = (np.asarray(x) for x in (tokens, logprobs, exit_index))
         for slot in running:
@@ -278,7 +281,7 @@ class Engine:
         seed = request.request_id if p.seed is None else p.seed
         threshold = self.default_threshold if p.exit_threshold is None else p.exit_threshold
         self._slots[slot] = request
-        self._state, token, logprob, exit_index = self._insert(
+        self._state, token, logprob, exit_index = _insert_jit(
             self._graphdef, self.spec, self._params, self._state, jnp.int32(slot), jnp.asarray(ids),
             jnp.int32(length), jax.random.key(np.uint32(seed)), jnp.float32(p.temperature),
             jnp.float32(p.top_p), jnp.int32(p.top_k), jnp.float32(threshold))
