@@ -94,8 +94,8 @@ def decode_program(model, ids, new_tokens: int) -> tuple[str, str]:
     programs = decode.programs(model, new_tokens)
     ids = jnp.asarray(ids, jnp.int32)
     lengths = jnp.full(ids.shape[:1], ids.shape[1], jnp.int32)
-    state = programs.prefill(ids, lengths, row_keys(jnp.zeros(ids.shape[:1], jnp.uint32))).compile().out_info
-    text = programs.decode(state).compile().as_text()
+    _, loop = programs.compiled(ids, lengths, row_keys(jnp.zeros(ids.shape[:1], jnp.uint32)))
+    text = loop.as_text()
     return re.match(r"HloModule (\S+?),", text).group(1), text
 
 

@@ -132,6 +132,15 @@ class Programs:
     def decode(self, state) -> jax.stages.Lowered:
         return step.lower(step.decode_loop, self.graphdef, self.spec, self.params, state, self.knobs)
 
+    def compiled(self, input_ids, prompt_lengths, keys) -> tuple[jax.stages.Compiled, jax.stages.Compiled]:
+        """(prefill, decode loop) compiled for these argument shapes: the very programs `generate`
+        runs (from its compilation cache, which this fills)."""
+        prefill, _ = step.compiled(step.prefill, self.graphdef, _prefill_spec(self.spec), self.params,
+                                   input_ids, prompt_lengths, keys, None, self.knobs)
+        loop, _ = step.compiled(step.decode_loop, self.graphdef, self.spec, self.params, prefill.out_info,
+                                self.knobs)
+        return prefill, loop
+
 
 def programs(model, max_new_tokens: int, **settings) -> Programs:
     """The programs of `generate(model, ..., max_new_tokens, **settings)` (settings: its keyword
