@@ -5,7 +5,7 @@ and rows that stop early."""
 
 import pytest
 
-from ouro_jax.inference import decode, generate, left_pad
+from ouro_jax.inference import generate, left_pad, step
 
 import util
 
@@ -18,13 +18,13 @@ STOP = (13, 29, 61, 92, 109)
 def test_phases_double_up_to_m(m):
     """FIRST_PHASE, doubling, then M; every phase runs at least one token (positions 0..M-2 are written:
     a phase past position M-2 would be compiled and never run) and holds at most twice the previous one."""
-    phases = decode.cache_phases(m)
+    phases = step.cache_phases(m)
     assert phases[-1] == m
-    assert phases[:-1] == tuple(decode.FIRST_PHASE * 2**j for j in range(len(phases) - 1))
+    assert phases[:-1] == tuple(step.FIRST_PHASE * 2**j for j in range(len(phases) - 1))
     if len(phases) > 1:
         assert phases[-2] < m - 1 <= 2 * phases[-2]
     else:
-        assert m - 1 <= decode.FIRST_PHASE
+        assert m - 1 <= step.FIRST_PHASE
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,8 @@ def model():
 def test_many_phases_equal_one_phase(model, settings, monkeypatch):
     ids, lengths = left_pad(ROWS)
     one = generate(model, ids, NEW, prompt_lengths=lengths, stop_tokens=STOP, **settings)
-    monkeypatch.setattr(decode, "FIRST_PHASE", 8)
-    assert decode.cache_phases(NEW) == (8, 16, NEW)
+    monkeypatch.setattr(step, "FIRST_PHASE", 8)
+    assert step.cache_phases(NEW) == (8, 16, NEW)
     many = generate(model, ids, NEW, prompt_lengths=lengths, stop_tokens=STOP, **settings)
     util.assert_same_decoding(one, many)
     assert many.cache.decoded_length == one.cache.decoded_length == NEW

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ouro_jax.inference import generate, left_pad
-from ouro_jax.inference.decode import row_buckets
+from ouro_jax.inference.compaction import row_buckets
 
 import util
 

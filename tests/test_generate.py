@@ -96,6 +96,40 @@ def test_q_exit_follows_the_gate_cdf(model, batch):
         np.testing.assert_array_equal(out.exit_loops[b, :2], np.asarray(expected) + 1)
 
 
+def _logprob64(logits, token, temperature=None, top_k=None, top_p=None) -> float:
+    """log p(token) in float64 under logits [V] / temperature, truncated to the top_k largest, then to the
+    smallest most-likely set reaching top_p, renormalised (greedy: temperature None, plain log_softmax)."""
+    z = np.asarray(logits, np.float64) / (temperature or 1.0)
+    keep = np.ones(z.shape, bool)
+    if top_k is not None:
+        keep &= z >= np.sort(z)[-top_k]
+    if top_p is not None:
+        order = np.argsort(-np.where(keep, z, -np.inf), kind="stable")
+        p = np.exp(z[order] - z[order[0]]) * keep[order]
+        p /= p.sum()
+        before = np.cumsum(p) - p
+        keep &= np.isin(np.arange(z.size), order[before < top_p])
+    z = np.where(keep, z, -np.inf)
+    return float(z[token] - z.max() - np.log(np.exp(z - z.max()).sum()))
+
+
+@pytest.mark.parametrize("sampling", [{}, dict(temperature=0.7, top_k=20, top_p=0.9)],
+                         ids=["greedy", "top_k_top_p"])
+def test_logprobs_equal_a_float64_recomputation_at_the_exit_loop(model, batch, sampling):
+    """Each token's log-probability is that of the distribution it was drawn from (after truncation),
+    recomputed in float64 from an uncached forward's logits at the token's exit loop (skipped_kv
+    "compute": the cached loops hold exactly what the uncached forward computes)."""
+    ids, lengths = batch
+    out = generate(model, ids, NEW, prompt_lengths=lengths, exit_threshold=Q, skipped_kv="compute",
+                   seed=3, **sampling)
+    assert out.logprobs.dtype == np.float32 and len(set(out.exit_loops.ravel().tolist())) > 1
+    for b, reference in enumerate(_full_forward_logits(model, out.tokens)):
+        expected = [_logprob64(reference[i, out.exit_loops[b, i] - 1], out.tokens[b, i], **sampling)
+                    for i in range(NEW)]
+        np.testing.assert_allclose(out.logprobs[b], expected, atol=2e-5, rtol=0)
+    assert (out.logprobs <= 0).all()
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_exit_at_loop_uses_loop_k_and_computes_no_further(model, batch, k):
     ids, lengths = batch

@@ -6,7 +6,7 @@ lowers the step on abstract arguments and compiles it with XLA's TPU compiler. A
 chip's HBM either fails there with RESOURCE_EXHAUSTED (reported as `fits = False` with the temporaries
 the compiler asked for) or compiles to a program over the capacity (`fits = False` from its memory
 analysis). `search` finds the largest rows per chip that fit; `serving` compiles the prefill and the
-decode loop that `generate` runs (`ouro_jax.inference.decode`'s own jitted functions).
+decode loop that `generate` runs (`ouro_jax.inference.decode.programs`).
 
 Byte counts are per chip unless named `_total`; the rows of a batch split over the `data` x `fsdp` mesh
 axes ("rows per chip" with mesh.tensor = 1).
@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -85,11 +86,16 @@ def with_rows_per_chip(config, rows_per_chip: int, shards: int) -> ml_collection
 
 
 def _compile(fn, *args):
-    """(compiled or None, seconds, bytes of HLO temporaries the compiler asked for when they did not
-    fit, else None)."""
+    """(fn.lower(*args).compile() or None, seconds, bytes of HLO temporaries the compiler asked for when
+    they did not fit, else None)."""
+    return _compile_lowered(lambda: fn.lower(*args))
+
+
+def _compile_lowered(lower: Callable[[], jax.stages.Lowered]):
+    """`_compile` of the program `lower()` returns (lowering counts in the seconds)."""
     start = time.perf_counter()
     try:
-        compiled = fn.lower(*args).compile()
+        compiled = lower().compile()
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
@@ -204,27 +210,21 @@ def serving(config: ml_collections.ConfigDict, tpu: Slice, *, batch: int, contex
     pure = nnx.to_pure_dict(state)
     shardings = sharding.param_shardings(pure, sharding.logical_axes(abstract_model), mesh)
     nnx.replace_by_pure_dict(state, program_lib.abstract_like(pure, shardings))
-    spec, knobs = decode._settings(
-        cfg, 2, exit_threshold=None, exit_at_loop=None, exit_policy="gate", hidden_delta_eps=0.05,
-        kv_sharing="none", temperature=0.0, top_k=None, top_p=None, stop_tokens=(), pad_id=0,
-        output_loop_logits=False, stream=False)
+    programs = decode.programs(nnx.merge(graphdef, state), 2)
     rows = sharding.batch_sharding(mesh)
     vector = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(rows.spec[0]))
     ids = jax.ShapeDtypeStruct((batch, context), jnp.int32, sharding=rows)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=vector)
     keys = jax.ShapeDtypeStruct((batch, 2), jnp.uint32, sharding=rows)
-    knobs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), knobs)
-    prefill = jax.jit(decode._prefill, static_argnums=(0, 1))
     reports = []
-    compiled, seconds, needed = _compile(prefill, graphdef, spec, state, ids, lengths, keys, None, knobs)
+    compiled, seconds, needed = _compile_lowered(lambda: programs.prefill(ids, lengths, keys))
     step = flops_lib.prefill_flops(cfg, batch, context)
     reports.append({"program": "prefill", "batch": batch, "context": context, "seconds": seconds,
                     **_memory(compiled, tpu.hbm_bytes, needed), "flops": step.executed})
     if compiled is not None:
         decode_state = compiled.out_info
-        loop = jax.jit(decode._decode, static_argnums=(0, 1), donate_argnums=(3,))
-        compiled, seconds, needed = _compile(loop, graphdef, spec, state, decode_state, knobs)
-        step = flops_lib.decode_flops(cfg, batch, context + spec.max_new_tokens)
+        compiled, seconds, needed = _compile_lowered(lambda: programs.decode(decode_state))
+        step = flops_lib.decode_flops(cfg, batch, context + programs.spec.max_new_tokens)
         reports.append({"program": "decode_step", "batch": batch, "context": context, "seconds": seconds,
                         **_memory(compiled, tpu.hbm_bytes, needed), "flops": step.executed})
     chips = mesh.size

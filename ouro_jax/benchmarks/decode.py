@@ -49,7 +49,8 @@ from flax import nnx
 
 from ouro_jax.benchmarks.common import Result, model_config, table, wall
 from ouro_jax.data.tasks import PHop
-from ouro_jax.inference.decode import SKIPPED_KV, cache_phases, generate
+from ouro_jax.inference.decode import SKIPPED_KV, generate
+from ouro_jax.inference.step import cache_phases
 from ouro_jax.model.ouro import Ouro
 
 

@@ -15,20 +15,18 @@ Shares are of the operations' summed time, which XLA may spend on two cores at o
 slows every operation, so the shares are the figure to read, with the unprofiled step time beside
 them. Each category's time in the unprofiled step (its share of it) is set against the bytes it must
 read per step: the weights once per (loop, layer) application plus the LM head, and every (loop,
-layer) slot's K/V up to the decode loop's current phase length (`decode.cache_phases`). With this
+layer) slot's K/V up to the decode loop's current phase length (`step.cache_phases`). With this
 machine's read bandwidth (a jitted sum over 256 MB) that says whether a part is bound by memory or by
 arithmetic.
 """
 from __future__ import annotations
 
 import collections
-import contextlib
 import glob
 import gzip
 import json
 import re
 import tempfile
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +36,8 @@ from ouro_jax import cli
 from ouro_jax.aot.flops import layer_flops, readout_flops
 from ouro_jax.benchmarks.common import Result, table, wall
 from ouro_jax.inference import decode
+from ouro_jax.inference.sampling import row_keys
+from ouro_jax.inference.step import cache_phases
 
 CATEGORIES = ("weight matmuls", "attention", "other")
 _NOT_TIMED = {"while", "conditional", "call", "parameter", "constant", "tuple", "get-tuple-element",
@@ -88,29 +88,20 @@ def hlo_categories(hlo_text: str) -> dict[str, str]:
     return categories
 
 
-@contextlib.contextmanager
-def _recording_compiles() -> Iterator[dict[str, str]]:
-    """Within the block, `generate`'s compilations (cleared first, so they happen) record their
-    optimized HLO text: {function name: text}."""
-    texts, compile_fn = {}, decode._compile
-
-    def recorded(fn, *args):
-        compiled = compile_fn(fn, *args)
-        texts.setdefault(fn.__name__, compiled.as_text())
-        return compiled
-
-    recorded.cache_info = compile_fn.cache_info  # `decode._run` tells compilations from cache hits by it
-    compile_fn.cache_clear()
-    decode._compile = recorded
-    try:
-        yield texts
-    finally:
-        decode._compile = compile_fn
+def decode_program(model, ids, new_tokens: int) -> tuple[str, str]:
+    """(HLO module name, optimized HLO text) of the decode loop `generate(model, ids, new_tokens)` runs
+    (`decode.programs`)."""
+    programs = decode.programs(model, new_tokens)
+    ids = jnp.asarray(ids, jnp.int32)
+    lengths = jnp.full(ids.shape[:1], ids.shape[1], jnp.int32)
+    _, loop = programs.compiled(ids, lengths, row_keys(jnp.zeros(ids.shape[:1], jnp.uint32)))
+    text = loop.as_text()
+    return re.match(r"HloModule (\S+?),", text).group(1), text
 
 
 def trace_seconds(trace_dir: str, module: str, categories: dict[str, str | None]
                   ) -> tuple[dict[str, float], dict[str, int]]:
-    """(seconds, operations) per category of the operations of HLO module `module` (e.g. "jit__decode")
+    """(seconds, operations) per category of the operations of HLO module `module` (e.g. "jit_decode_loop")
     in the Perfetto trace `jax.profiler.trace(trace_dir, create_perfetto_trace=True)` wrote; an
     operation `categories` does not name counts as "other", one it maps to None not at all."""
     (path,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
@@ -146,7 +137,7 @@ def _bytes_per_step(config, batch: int, prompt_len: int, new_tokens: int) -> tup
     slots = config.total_ut_steps * config.num_hidden_layers
     weights = 4 * (slots * (layer.projections + layer.mlp) + readout_flops(config)[0]) / 2
     kv = config.num_key_value_heads * config.head_dim
-    phases = decode.cache_phases(new_tokens)
+    phases = cache_phases(new_tokens)
     positions = [prompt_len + next(p for p in phases if i <= p) for i in range(1, new_tokens)]
     return weights, 4 * 2 * slots * batch * kv * float(np.mean(positions))
 
@@ -178,13 +169,13 @@ def split(*, repeats: int, batches: list[int], prompt_len: int = 64, new_tokens:
     rows, figures = [], []
     for batch in batches:
         ids = np.random.default_rng(batch).integers(3, cfg.vocab_size, (batch, prompt_len))
-        with _recording_compiles() as texts:
-            decode.generate(model, ids, new_tokens)
+        module, text = decode_program(model, ids, new_tokens)
+        decode.generate(model, ids, new_tokens)
         step_s = min(decode.generate(model, ids, new_tokens).stats.decode_s for _ in range(repeats))
         with tempfile.TemporaryDirectory() as trace_dir:
             with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
                 profiled_s = decode.generate(model, ids, new_tokens).stats.decode_s
-            seconds, operations = trace_seconds(trace_dir, "jit__decode", hlo_categories(texts["_decode"]))
+            seconds, operations = trace_seconds(trace_dir, module, hlo_categories(text))
         f = _row(batch, step_s, profiled_s, seconds, operations,
                  *_bytes_per_step(cfg, batch, prompt_len, new_tokens), steps=new_tokens - 1)
         figures.append(f)

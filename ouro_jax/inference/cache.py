@@ -14,7 +14,7 @@ code's `cache_idx`), so that a loop reads and writes its slots with no slicing c
                       is 1/T of "none".
 Decoded token j (the j-th token fed back, j = 0..M-2) lives at position j; position M-1 is never written
 (the last generated token is not fed back). The decoder allocates the decode slots for its first phase
-and `grow`s them phase by phase to M positions (`decode.cache_phases`), so M above is their final length.
+and `grow`s them phase by phase to M positions (`step.cache_phases`), so M above is their final length.
 
 Which K/V a query reads, for the token being decoded at loop index t, layer l:
   * prompt tokens: their own loop-t K/V, slot (t, l);
@@ -83,16 +83,16 @@ class KVCache:
     sharing: str = struct.field(pytree_node=False)
 
     @classmethod
-    def create(cls, prompt_k, prompt_v, max_new_tokens: int, sharing: str) -> KVCache:
+    def create(cls, prompt_k, prompt_v, decoded_length: int, sharing: str) -> KVCache:
         """Wrap the prefill's K/V (nested [t][l] lists of [B, K, P, H]) and allocate zeroed decode slots
-        for `max_new_tokens` tokens (the decoder passes its first phase's length, `grow` adds the rest)."""
+        of `decoded_length` positions (the decoder passes its first phase's length, `grow` adds the rest)."""
         if sharing not in SHARING:
             raise ValueError(f"kv_sharing={sharing!r} must be one of {SHARING}")
         flat = lambda nested: tuple(x for per_loop in nested for x in per_loop)
         b, k, _, h = prompt_k[0][0].shape
         slots = len(prompt_k) * len(prompt_k[0]) if sharing == "none" else len(prompt_k[0])
         dtype = prompt_k[0][0].dtype
-        zeros = lambda: tuple(jnp.zeros((b, k, max_new_tokens, h), dtype) for _ in range(slots))
+        zeros = lambda: tuple(jnp.zeros((b, k, decoded_length, h), dtype) for _ in range(slots))
         return cls(flat(prompt_k), flat(prompt_v), zeros(), zeros(), len(prompt_k[0]), sharing)
 
     @property
@@ -117,7 +117,7 @@ class KVCache:
         return self.decode_k[slot], self.decode_v[slot]
 
     def write(self, position: jax.Array, k: jax.Array, v: jax.Array, exit_loop: jax.Array) -> KVCache:
-        """Store one decoded token at `position`.
+        """Store one decoded token at `position` (a scalar, or [B] a position per row).
 
         k, v [T, N, B, K, H]: with sharing "none" the entries of every (loop, layer) slot, skipped loops
         already filled (`fill_skipped`, or by the decoder's `skipped_kv` policy); with "last" /
@@ -130,9 +130,14 @@ class KVCache:
             k, v = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])  # [T*N, B, K, H]
         else:
             k, v = share(k, exit_loop, self.sharing), share(v, exit_loop, self.sharing)  # [N, B, K, H]
-        update = lambda slots, new: tuple(
-            jax.lax.dynamic_update_slice(slot, x[:, :, None], (0, 0, position, 0))
-            for slot, x in zip(slots, new, strict=True))
+        if jnp.ndim(position) == 0:
+            update = lambda slots, new: tuple(
+                jax.lax.dynamic_update_slice(slot, x[:, :, None], (0, 0, position, 0))
+                for slot, x in zip(slots, new, strict=True))
+        else:  # a position per row; positions past the slots are dropped
+            rows = jnp.arange(position.shape[0])
+            update = lambda slots, new: tuple(slot.at[rows, :, position].set(x, mode="drop")
+                                              for slot, x in zip(slots, new, strict=True))
         return self.replace(decode_k=update(self.decode_k, k), decode_v=update(self.decode_v, v))
 
     def nbytes(self) -> dict[str, int]:

@@ -17,25 +17,62 @@ def row_keys(seeds: jax.Array) -> jax.Array:
 
 
 def sample(logits: jax.Array, keys: jax.Array, index: jax.Array, *, greedy: bool,
-           temperature: jax.Array, top_k: int | None, top_p: jax.Array | None) -> jax.Array:
-    """Pick one token per row.
+           temperature: jax.Array, top_k: int | None, top_p: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Pick one token per row and give its log-probability.
 
-    logits [B, V] float32; keys [B] row keys; index: the generated-token index folded into the keys.
+    logits [B, V]; keys [B] row keys; index: the generated-token index folded into the keys.
     greedy: argmax (ties -> lowest id), the other arguments are ignored. Otherwise logits / temperature,
     keep the `top_k` largest, then the smallest set of tokens whose probability reaches `top_p`
-    (the most likely token is always kept), and sample. Returns [B] int32.
+    (the most likely token is always kept), and sample. Returns (tokens [B] int32, logprobs [B] float32):
+    the log-probability of each token under the distribution it was drawn from, AFTER the top-k / top-p
+    truncation (the truncated distribution renormalised: exactly the sampler's, as a policy gradient
+    needs); greedy uses temperature 1, i.e. log_softmax(logits).
     """
+    logits = logits.astype(jnp.float32)
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return tokens, token_logprobs(logits, tokens)
     logits = logits / temperature
     if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+        logits = jnp.where(logits < jax.lax.top_k(logits, top_k)[0][:, -1:], -jnp.inf, logits)
     if top_p is not None:
-        ordered = -jnp.sort(-logits, axis=-1)
-        probs = jax.nn.softmax(ordered, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
-        cutoff = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+        logits = _nucleus(logits, -jnp.sort(-logits, axis=-1), top_p)
     token_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, index)
-    return jax.vmap(jax.random.categorical)(token_keys, logits).astype(jnp.int32)
+    tokens = jax.vmap(jax.random.categorical)(token_keys, logits).astype(jnp.int32)
+    return tokens, token_logprobs(logits, tokens)
+
+
+def _nucleus(logits, ordered, top_p):
+    """logits [B, V] with the tokens outside the smallest most-likely set reaching `top_p` (scalar or
+    [B, 1]) set to -inf; ordered: the logits sorted in descending order."""
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+    cutoff = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, index: jax.Array, temperature: jax.Array,
+                top_k: jax.Array, top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`sample` with settings per row (traced: one compilation serves every mix of requests).
+
+    logits [B, V]; keys [B]; index [B] generated-token index of each row; temperature [B] (0: greedy),
+    top_k [B] int (0: off), top_p [B] (1: off). A row draws what `sample` draws with its settings and key.
+    """
+    logits = logits.astype(jnp.float32)
+    greedy = temperature <= 0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    ordered = -jnp.sort(-scaled, axis=-1)
+    kth = jnp.take_along_axis(ordered, jnp.clip(top_k - 1, 0)[:, None], axis=-1)
+    scaled = jnp.where((top_k[:, None] > 0) & (scaled < kth), -jnp.inf, scaled)
+    ordered = jnp.where((top_k[:, None] > 0) & (ordered < kth), -jnp.inf, ordered)
+    scaled = jnp.where((top_p < 1)[:, None], _nucleus(scaled, ordered, top_p[:, None]), scaled)
+    token_keys = jax.vmap(jax.random.fold_in)(keys, index)
+    drawn = jax.vmap(jax.random.categorical)(token_keys, scaled).astype(jnp.int32)
+    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
+    return tokens, jnp.where(greedy, token_logprobs(logits, tokens), token_logprobs(scaled, tokens))
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log_softmax(logits [B, V])[b, tokens[b]] -> [B] float32 (entries of -inf are excluded tokens)."""
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
