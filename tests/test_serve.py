@@ -24,10 +24,11 @@ from flax import nnx
 from ouro_jax import tokenizer as tok
 from ouro_jax.convert.pretrained import from_pretrained, save_pretrained
 from ouro_jax.inference import generate
+from ouro_jax.inference.engine import SamplingParams
 from ouro_jax.model.config import tiny
 from ouro_jax.model.ouro import Ouro
 from ouro_jax.serve.app import token_string
-from ouro_jax.serve.backend import SamplingParams, StaticBatchBackend
+from ouro_jax.serve.backend import StaticBatchBackend
 from ouro_jax.serve.server import build
 
 import oracle

@@ -31,9 +31,9 @@ import numpy as np
 from flax import nnx
 
 from ouro_jax.benchmarks.common import Result, table
+from ouro_jax.inference.engine import SamplingParams, TokenEvent
 from ouro_jax.model import config as configs
 from ouro_jax.model.ouro import Ouro
-from ouro_jax.serve.backend import SamplingParams, TokenEvent
 
 
 @dataclasses.dataclass(frozen=True)

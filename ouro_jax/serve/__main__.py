@@ -2,7 +2,7 @@
 
     python -m ouro_jax.serve --model=PATH [--host=127.0.0.1 --port=8000 --max_slots=8 --max_context=N
         --exit_threshold=q --skipped_kv=project --kv_sharing=none --api_key=KEY --served_model_name=NAME
-        --tokenizer=ouro|FILE --backend=static --dtype=float32]
+        --tokenizer=ouro|FILE --backend=engine --dtype=float32]
 
 PATH: a Hugging Face Ouro directory or an ouro_jax run (`ouro_jax.from_pretrained`); the tokenizer is
 PATH/tokenizer.json when present, else the bundled Ouro one. SIGTERM (or Ctrl-C) stops accepting
@@ -36,7 +36,8 @@ _API_KEY = flags.DEFINE_string("api_key", None, "Require `Authorization: Bearer 
 _NAME = flags.DEFINE_string("served_model_name", None, "The model id clients send (default: PATH's last "
                             "component).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "'ouro' or a tokenizer.json (default: PATH's or 'ouro').")
-_BACKEND = flags.DEFINE_string("backend", "static", "Decoding backend (`ouro_jax.serve.server.BACKENDS`).")
+_BACKEND = flags.DEFINE_string("backend", "engine", "Decoding backend (`ouro_jax.serve.server.BACKENDS`): "
+                               "engine (continuous batching) or static (`generate` batches).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
 flags.mark_flag_as_required("model")
 

@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from ouro_jax import tokenizer as tok
+from ouro_jax.inference.engine import SamplingParams, TokenEvent
 from ouro_jax.serve import scoring
-from ouro_jax.serve.backend import SamplingParams, TokenEvent
 from ouro_jax.serve.runner import Runner
 
 MAX_N = 16  # choices per prompt

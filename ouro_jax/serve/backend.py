@@ -19,39 +19,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from ouro_jax.inference.decode import SKIPPED_KV, generate, left_pad
+from ouro_jax.inference.engine import SamplingParams, TokenEvent
 
 FINISH_REASONS = ("stop", "length")
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """One request's sampling settings. temperature 0 is greedy; top_k 0 is off; seed None derives the
-    request's PRNG key from its id; stop_token_ids add to the backend's eos ids; stop strings are found in
-    the detokenised text (needs the backend's tokenizer); exit_threshold is the request's Q-exit q (None:
-    the backend's default policy)."""
-
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = ()
-    stop: tuple[str, ...] = ()
-    exit_threshold: float | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenEvent:
-    """One generated token: its float32 log-probability under the distribution it was sampled from
-    (temperature applied, before top-p / top-k truncation; NaN from a backend built with
-    `logprobs=False`), its exit loop 1..T, and finish_reason None while the request runs, else "stop"
-    (stop token or stop string) or "length"."""
-
-    request_id: int
-    token: int
-    logprob: float
-    exit_loop: int
-    finish_reason: str | None
 
 
 def shape_bucket(n: int) -> int:
@@ -79,9 +49,8 @@ class StaticBatchBackend:
     one-token prompt) whose width and new-token count are `shape_bucket`s. The batch runs in a worker
     thread; every row waits for the longest one and a slot frees only when the whole batch ends (an
     aborted row gets no more events but keeps its slot). Tokens stream through `generate(on_token=...)`
-    with NaN log-probabilities; with `logprobs=True` the batch keeps every loop's logits
-    (`output_loop_logits`, an [M, T, B, V] buffer: T LM heads a token) and its events come only when it
-    ends, each token's log-probability read at its exit loop. (The continuous-batching engine gets both.)
+    with NaN log-probabilities; with `logprobs=True` its events come only when the batch ends, each with
+    `GenerateOutput.logprobs`. (The continuous-batching engine, `ouro_jax.inference.Engine`, gets both.)
     """
 
     def __init__(self, model, *, max_slots: int, max_context: int, eos_token_ids: Sequence[int] = (),
@@ -196,12 +165,11 @@ class StaticBatchBackend:
                     top_k=None if greedy or params.top_k == 0 else params.top_k,
                     top_p=None if greedy or params.top_p == 1 else params.top_p,
                     seed=np.asarray([s % (1 << 32) for s in seeds], np.uint32), stop_tokens=sorted(stop),
-                    pad_id=self.pad_id, output_loop_logits=self.logprobs)
+                    pad_id=self.pad_id)
 
     def _start(self, batch: list[_Request]) -> None:
         self._running = {r.id: r for r in batch}
         kwargs = self.generate_kwargs(batch)
-        temperature = batch[0].params.temperature or 1.0
         slots = {r.id: i for i, r in enumerate(batch)}
 
         def on_token(index, tokens, exit_loops, done):
@@ -214,7 +182,7 @@ class StaticBatchBackend:
                 out = generate(self.model, **kwargs, on_token=None if self.logprobs else on_token)
                 self.compile_s += out.stats.compile_s
                 if self.logprobs:
-                    self._events.put(_logprob_events(out, slots, temperature))
+                    self._events.put(_logprob_events(out, slots))
                 self._events.put(None)
             except BaseException as err:  # handed to the thread that calls step()
                 self._events.put(err)
@@ -252,16 +220,12 @@ def _check_threshold(q: float | None) -> None:
         raise ValueError(f"exit_threshold={q} must lie in [0, 1]")
 
 
-def _logprob_events(out, slots: dict[int, int], temperature: float) -> list[tuple]:
-    """(request id, token, logprob, exit loop) of every generated token of a finished batch; the
-    log-probability from the exit loop's logits / temperature (float32)."""
+def _logprob_events(out, slots: dict[int, int]) -> list[tuple]:
+    """(request id, token, logprob, exit loop) of every generated token of a finished batch, with
+    `GenerateOutput.logprobs` (float32, under the distribution each token was sampled from)."""
     events = []
     for rid, slot in slots.items():
         n = int(out.lengths[slot])
-        loops = out.exit_loops[slot, :n]
-        logits = out.loop_logits[slot, np.arange(n), loops - 1].astype(np.float32) / np.float32(temperature)
-        shifted = logits - logits.max(-1, keepdims=True)
-        logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-        tokens = out.tokens[slot, :n]
-        events += [(rid, int(t), float(logp[i, t]), int(loops[i])) for i, t in enumerate(tokens)]
+        events += [(rid, int(t), float(lp), int(e)) for t, lp, e in
+                   zip(out.tokens[slot, :n], out.logprobs[slot, :n], out.exit_loops[slot, :n], strict=True)]
     return events

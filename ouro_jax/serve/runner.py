@@ -9,7 +9,7 @@ import threading
 import traceback
 from collections.abc import Sequence
 
-from ouro_jax.serve.backend import SamplingParams
+from ouro_jax.inference.engine import SamplingParams
 
 
 class Runner:

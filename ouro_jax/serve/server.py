@@ -4,26 +4,26 @@ from __future__ import annotations
 
 import os
 
+from ouro_jax import run
 from ouro_jax import tokenizer as tok
 from ouro_jax.convert.pretrained import from_pretrained
+from ouro_jax.inference.engine import Engine
 from ouro_jax.serve.app import create_app
 from ouro_jax.serve.backend import StaticBatchBackend
 from ouro_jax.serve.runner import Runner
 
-BACKENDS = {"static": StaticBatchBackend}
+BACKENDS = {"engine": Engine, "static": StaticBatchBackend}
 """Backend name -> class taking (model, *, max_slots, max_context, eos_token_ids, tokenizer, skipped_kv,
-kv_sharing, exit_threshold): the continuous-batching engine joins as `"engine": Engine`."""
+kv_sharing, exit_threshold): the continuous-batching engine (default) and static `generate` batches."""
 
 
 def tokenizer_for(model_path: str, tokenizer: str | None = None):
-    """`tokenizer` ("ouro", "bytes" or a tokenizer.json), else MODEL/tokenizer.json when present, else the
-    bundled Ouro tokenizer."""
-    if tokenizer is None:
-        tokenizer = model_path if os.path.isfile(os.path.join(model_path, "tokenizer.json")) else "ouro"
-    return tok.load(tokenizer)
+    """`tokenizer` ("ouro", "bytes" or a tokenizer.json), else the model's own (`run.tokenizer_of`), else
+    the bundled Ouro tokenizer."""
+    return tok.load(tokenizer or run.tokenizer_of(model_path) or "ouro")
 
 
-def build(model_path: str, *, backend: str = "static", tokenizer: str | None = None, max_slots: int = 8,
+def build(model_path: str, *, backend: str = "engine", tokenizer: str | None = None, max_slots: int = 8,
           max_context: int | None = None, exit_threshold: float | None = None, skipped_kv: str = "project",
           kv_sharing: str = "none", api_key: str | None = None, model_name: str | None = None,
           dtype: str = "float32"):
