@@ -178,7 +178,8 @@ def test_training_evaluation_and_the_evaluate_command_read_the_same_numbers(monk
     batch = packed_batch(np.random.default_rng(5))
     graphdef, params = nnx.split(model)
     train_side = jax.device_get(jax.jit(make_eval_step(graphdef))(params, batch))
-    ours = metrics.evaluate(model, [batch], policies.Grid(q=(0.5,), hidden_abs=(), hidden_rel=()))
+    grid = policies.Grid(q=(0.5,), hidden_delta=(), hidden_delta_relative=())
+    ours = metrics.evaluate(model, [batch], grid)
     close = lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=1e-6, atol=1e-7)
     for key in ("ce_per_loop", "accuracy_per_loop", "exit_pdf_per_loop", "answer_accuracy_per_loop",
                 "mean_exit_loop", "entropy", "weighted_ce"):

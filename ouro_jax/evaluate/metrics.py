@@ -46,7 +46,8 @@ def _sums_at(exit_loops: jax.Array, per_loop: jax.Array, weight: jax.Array) -> j
     return jnp.sum(picked * weight, axis=(1, 2))
 
 
-def batch_sums(model: Ouro, batch: Batch, q: jax.Array, hidden_abs: jax.Array, hidden_rel: jax.Array, *,
+def batch_sums(model: Ouro, batch: Batch, q: jax.Array, hidden_delta: jax.Array,
+               hidden_delta_relative: jax.Array, *,
                num_loops: int) -> dict[str, jax.Array]:
     """Summed statistics of one batch (see the module docstring); every value float32.
 
@@ -61,7 +62,8 @@ def batch_sums(model: Ouro, batch: Batch, q: jax.Array, hidden_abs: jax.Array, h
     answers = batch["answer_mask"].astype(jnp.float32)
     pdf = exits.exit_pdf(gate_logits)
     per_token = lambda x, w: jnp.sum(x * w, axis=(-2, -1))
-    loops = policies.sweep_exit_loops(gate_logits, hidden, q, hidden_abs, hidden_rel)  # [P, B, S]
+    loops = policies.sweep_exit_loops(gate_logits, hidden, q, hidden_delta,
+                                      hidden_delta_relative)  # [P, B, S]
     depth = (loops + 1).astype(jnp.float32)
     return {
         "num_tokens": jnp.sum(mask),
@@ -83,12 +85,13 @@ def batch_sums(model: Ouro, batch: Batch, q: jax.Array, hidden_abs: jax.Array, h
 
 
 def make_batch_fn(model: Ouro, num_loops: int) -> Callable[..., dict[str, jax.Array]]:
-    """`fn(params, batch, q, hidden_abs, hidden_rel) -> batch_sums(...)`, jitted once for the model's
-    graph and `num_loops`; params = `nnx.split(model)[1]`."""
+    """`fn(params, batch, q, hidden_delta, hidden_delta_relative) -> batch_sums(...)`, jitted once for the
+    model's graph and `num_loops`; params = `nnx.split(model)[1]`."""
     graphdef = nnx.graphdef(model)
 
-    def fn(params, batch, q, hidden_abs, hidden_rel):
-        return batch_sums(nnx.merge(graphdef, params), batch, q, hidden_abs, hidden_rel, num_loops=num_loops)
+    def fn(params, batch, q, hidden_delta, hidden_delta_relative):
+        return batch_sums(nnx.merge(graphdef, params), batch, q, hidden_delta, hidden_delta_relative,
+                          num_loops=num_loops)
 
     return jax.jit(fn)
 

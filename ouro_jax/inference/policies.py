@@ -10,7 +10,7 @@
                   normed state after loop index t (loop 1 has no previous loop state and never exits
                   this way); eps is in the units of ||h|| (about sqrt(D) for a state of unit RMS);
   "hidden_delta_relative"  the scale-free variant: t >= 1 and ||h_t - h_{t-1}||_2 < eps ||h_{t-1}||_2.
-(`ouro_jax.evaluate` sweeps the same two rules after the fact as "hidden_abs" and "hidden_rel".)
+(`ouro_jax.evaluate` sweeps the same two rules, by the same names, after the fact.)
 Every policy exits after its last loop (index num_loops - 1).
 """
 
