@@ -44,7 +44,7 @@ OWN_SMOKE_TEST = {"serve": "tests/test_benchmarks.py::test_serve_smoke_run",
 
 
 def test_every_benchmark_has_a_smoke_run():
-    from ouro_jax.benchmarks.__main__ import BENCHMARKS
+    from ouro_jax.benchmarks import BENCHMARKS
 
     assert sorted([*SMOKE, *OWN_SMOKE_TEST]) == sorted(BENCHMARKS)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -24,10 +24,8 @@ import sys
 from absl import flags
 
 from ouro_jax import cli
+from ouro_jax.benchmarks import BENCHMARKS
 from ouro_jax.benchmarks.common import SHAPES
-
-BENCHMARKS = ("train.compile", "train.memory", "train.fwd_bwd", "train.step", "decode.speed", "decode.cache",
-              "decode.exit", "decode.rows", "decode.split", "convert.roundtrip", "eval.sweep", "serve")
 
 _BENCH = flags.DEFINE_list("bench", None, "Benchmarks or groups to run: " + ", ".join(BENCHMARKS) + ".")
 _JSON = flags.DEFINE_string("json", None, "Add the figures to this JSON file.")
