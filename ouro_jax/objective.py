@@ -138,15 +138,11 @@ def logit_mixture_loss(model: Ouro, batch: Batch, *, num_loops: int | None = Non
 
     The LM head is linear, so sum_t p(t) W h_t = W (sum_t p(t) h_t): the mixture's logits are the head
     applied to the pdf-weighted mix of the T normed states [B, S, D], read chunk by chunk as in Stage I."""
-    ce_and_correct = _token_ce_and_correct(model, batch["targets"])
-    (ce, correct, hidden), gate_logits = model.loop(
-        batch["input_ids"], lambda h: (*ce_and_correct(h), h),
-        positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
-        num_loops=num_loops, remat_readout=True)
+    ce, correct, gate_logits, hidden = per_loop_losses(model, batch, num_loops=num_loops, keep_hidden=True)
     pdf = exits.exit_pdf(gate_logits)
     mixed = jnp.einsum("tbs,tbsd->bsd", pdf, hidden.astype(jnp.float32)).astype(hidden.dtype)
     mask = _mask(batch)
-    loss = _masked_mean(ce_and_correct(mixed)[0], mask)
+    loss = _masked_mean(_token_ce_and_correct(model, batch["targets"], keep_hidden=False)(mixed)[0], mask)
     return loss, {"loss": loss, **loop_metrics(ce, correct, gate_logits, mask)}
 
 
