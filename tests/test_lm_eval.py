@@ -6,7 +6,6 @@ import functools
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -21,11 +20,10 @@ from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 
 from ouro_jax import tokenizer as tok
-from ouro_jax.convert.pretrained import save_pretrained
 from ouro_jax.evaluate.lm_eval import OuroLM
 from ouro_jax.evaluate.lm_eval import __main__ as lm_eval_cli
-from ouro_jax.model.config import tiny
-from ouro_jax.model.ouro import Ouro
+
+from util import exported_gated_model
 
 MAX_LENGTH = 64
 TEXT = ("A looped language model applies the same stack of layers several times, and an exit gate reads "
@@ -40,15 +38,10 @@ DOCS = [
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    """A random Ouro with the Ouro tokenizer's vocabulary (gate scaled so tokens exit at various loops),
-    exported in float32 with the tokenizer and the PyTorch modeling code."""
-    model = Ouro(tiny(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, head_dim=16,
-                      max_position_embeddings=MAX_LENGTH, total_ut_steps=3), rngs=nnx.Rngs(1))
-    kernel = model.early_exit_gate.kernel
-    kernel[...] = 4.0 * jax.random.normal(jax.random.key(2), kernel.shape) / np.sqrt(32)
-    return str(save_pretrained(model, tmp_path_factory.mktemp("lm_eval") / "hf", dtype="float32",
-                               tokenizer="ouro"))
+    """A random Ouro with the Ouro tokenizer's vocabulary, exported with the tokenizer and the PyTorch
+    modeling code."""
+    return exported_gated_model(tmp_path_factory.mktemp("lm_eval") / "hf", vocab_size=49152,
+                                context=MAX_LENGTH, tokenizer="ouro")
 
 
 @functools.partial(nnx.jit, static_argnames="num_loops")

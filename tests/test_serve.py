@@ -14,25 +14,21 @@ import sys
 import threading
 import time
 
-import jax
 import numpy as np
 import openai
 import pytest
 import uvicorn
-from flax import nnx
 
 from ouro_jax import tokenizer as tok
-from ouro_jax.convert.pretrained import from_pretrained, save_pretrained
+from ouro_jax.convert.pretrained import from_pretrained
 from ouro_jax.inference import generate
 from ouro_jax.inference.engine import SamplingParams
-from ouro_jax.model.config import tiny
-from ouro_jax.model.ouro import Ouro
 from ouro_jax.serve.app import token_string
 from ouro_jax.serve.backend import StaticBatchBackend
 from ouro_jax.serve.server import build
 
 import oracle
-from util import hf_state_dict
+from util import exported_gated_model, hf_state_dict
 
 CONTEXT = 128
 NAME = "tiny"
@@ -41,15 +37,9 @@ STOP_IDS = tok.STOP_IDS
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A random Ouro over the byte tokenizer's 259 ids (gate scaled so that tokens exit at various
-    loops under Q-exit), exported in float32 with its tokenizer."""
-    model = Ouro(tiny(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, head_dim=16,
-                      max_position_embeddings=CONTEXT, total_ut_steps=3), rngs=nnx.Rngs(1))
-    kernel = model.early_exit_gate.kernel
-    kernel[...] = 4.0 * jax.random.normal(jax.random.key(2), kernel.shape) / np.sqrt(32)
-    return str(save_pretrained(model, tmp_path_factory.mktemp("serve") / "tiny", dtype="float32",
-                               tokenizer=tok.byte_tokenizer()))
+    """A random Ouro over the byte tokenizer's 259 ids, exported with its tokenizer."""
+    return exported_gated_model(tmp_path_factory.mktemp("serve") / "tiny", vocab_size=259, context=CONTEXT,
+                                tokenizer=tok.byte_tokenizer())
 
 
 @contextlib.contextmanager

@@ -86,3 +86,19 @@ def assert_same_decoding(expected, actual):
             x, y = np.asarray(x)[:, :, :-1], np.asarray(y)[:, :, :-1]  # [B, K, M - 1, H]
             np.testing.assert_allclose(x.transpose(0, 2, 1, 3)[defined], y.transpose(0, 2, 1, 3)[defined],
                                        rtol=1e-5, atol=1e-6)
+
+
+def exported_gated_model(directory, *, vocab_size, context, tokenizer):
+    """A random one-layer Ouro (T = 3, gate scaled so that tokens exit at various loops under Q-exit),
+    exported in float32 with `tokenizer` to `directory`; returns its path."""
+    from ouro_jax.convert.pretrained import save_pretrained
+    from ouro_jax.model.config import tiny
+    from ouro_jax.model.ouro import Ouro
+
+    model = Ouro(tiny(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                      max_position_embeddings=context, total_ut_steps=3), rngs=nnx.Rngs(1))
+    kernel = model.early_exit_gate.kernel
+    kernel[...] = 4.0 * jax.random.normal(jax.random.key(2), kernel.shape) / np.sqrt(32)
+    return str(save_pretrained(model, directory, dtype="float32", tokenizer=tokenizer))
+
