@@ -1,9 +1,8 @@
 """Chat supervised fine-tuning: ChatML conversations, loss on the assistant turns (docs/sft.md).
 
   python -m ouro_jax.train --config=configs/sft.py:cpu --workdir=runs/sft_cpu     # no files needed
-  python -m ouro_jax.convert --to=run --source=Ouro-1.4B --output_dir=runs/ouro_1p4b
   python -m ouro_jax.train --config=configs/sft.py:ouro_1p4b --workdir=runs/sft \\
-      --config.init_from=runs/ouro_1p4b --config.data.chat.files=/data/chat/*.jsonl
+      --config.init_from=Ouro-1.4B --config.data.chat.files=/data/chat/*.jsonl   # an HF directory or a run
 
 Variants: `model` (positional) = cpu (default: a byte-level model on a generated arithmetic conversation
 set), ouro_1p4b or ouro_2p6b (32K context, Adam lr 2e-5 (0.9, 0.95), cosine); `weighting` = exit_pdf

@@ -270,7 +270,9 @@ def model_config(path: str | os.PathLike, **runtime: Any) -> OuroConfig:
         raise RunError(f"{path}: {CONFIG} `model`: {err}") from None
 
 
-def _step_dir(path: str | os.PathLike) -> Path:
+def checkpoint_step_dir(path: str | os.PathLike) -> Path:
+    """RUN/checkpoints/<step> of a step, or of a run's latest complete checkpoint (FileNotFoundError
+    when it has none, RunError for a Hugging Face directory)."""
     location = locate(path)
     if location.kind == "hf":
         raise RunError(f"{path}: a Hugging Face directory holds no Orbax checkpoint")
@@ -284,7 +286,7 @@ def restore_params(path: str | os.PathLike, abstract_params) -> dict:
     dtypes and shardings (so any mesh; a leaf without a sharding takes the saved one, which needs the
     saving topology). Layer counts must match (upcycle after restoring otherwise)."""
     with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(_step_dir(path) / "params", abstract_params)
+        return checkpointer.restore(checkpoint_step_dir(path) / "params", abstract_params)
 
 
 def save_params(run_dir: str | os.PathLike, params, step: int = 0) -> Path:

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 from ouro_jax import run, sharding
+from ouro_jax.convert.pretrained import save_pretrained
 from ouro_jax.data import pipeline
 from ouro_jax.model.ouro import Ouro
 from ouro_jax.run import restore_params
@@ -225,7 +226,8 @@ def test_weight_decay_skips_norms_and_gate_bias():
 
 
 def _step_setup(config, mesh):
-    program = program_lib.build(config, config_lib.validate(config, num_devices=mesh.size), mesh)
+    resolved = config_lib.validate(config, num_devices=mesh.size, check_inputs=False)  # no init_from read
+    program = program_lib.build(config, resolved, mesh)
     batch = next(iter(pipeline.build_train_dataset(config.data, seed=0)))
     return program.init(), program.train_step, sharding.put_batch(batch, program.batch_sharding)
 
@@ -320,6 +322,19 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     up = restored.params["layers"]["mlp"]["up_proj"]["kernel"]  # [layers, embed, mlp]
     assert up.sharding.is_equivalent_to(
         jax.sharding.NamedSharding(mesh_b, jax.sharding.PartitionSpec(None, None, "tensor")), 3)
+
+
+@pytest.mark.slow
+def test_init_from_a_hugging_face_directory(tmp_path):
+    """A run starts from an HF export's weights directly (no `convert --to=run` first)."""
+    config = small_config(total_steps=1, eval_every_steps=0, **{"optimizer.learning_rate": 1e-9})
+    model = config_lib.validate(config).model
+    source = Ouro(model, rngs=nnx.Rngs(7))  # not the run's seed: a fresh init would not match
+    config.init_from = str(save_pretrained(source, tmp_path / "hf", dtype="float32"))
+    loop.train(config, str(tmp_path / "run"))
+    trained = restore_params(str(tmp_path / "run"), nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+        lambda: Ouro(model, rngs=nnx.Rngs(0))))))
+    chex.assert_trees_all_close(trained, nnx.to_pure_dict(nnx.state(source)), atol=1e-6)
 
 
 @pytest.mark.slow

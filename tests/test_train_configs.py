@@ -2,6 +2,7 @@
 and carries the published recipe values; variants and keys are checked by one helper."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 from ouro_jax import run
+from ouro_jax.model.config import OuroConfig
 from ouro_jax.train import config as config_lib
 from ouro_jax.train import recipes
 
@@ -21,6 +23,43 @@ def _load(name, arg=None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
+
+
+def _hf_config_dir(directory, c):
+    """A Hugging Face directory with only the config.json of `c`'s source model (validation reads no
+    weights): half the layers when `c` upcycles."""
+    model = OuroConfig(**c.model.to_dict())
+    if c.init_upcycle:
+        model = model.replace(num_hidden_layers=model.num_hidden_layers // 2)
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({**model.to_hf_dict(), "model_type": "ouro"}))
+    return str(directory)
+
+
+def test_init_from_is_checked_before_compiling(tmp_path):
+    c = recipes.demo()
+    c.init_from = str(tmp_path / "missing")
+    with pytest.raises(config_lib.ConfigError, match=r"^config\.init_from: .*missing: no such directory$"):
+        config_lib.validate(c)
+    wide = _with(c, **{"model.hidden_size": 96, "model.rope_theta": 5e5})
+    c.init_from = _hf_config_dir(tmp_path / "wide", wide)
+    with pytest.raises(config_lib.ConfigError, match=r"another architecture than config\.model: "
+                       r"hidden_size=96 \(config\.model: 64\), "
+                       r"rope_theta=500000\.0 \(config\.model: 10000\.0\)$"):
+        config_lib.validate(c)
+    (tmp_path / "run").mkdir()
+    run.write_config(tmp_path / "run", c)
+    c.init_from = str(tmp_path / "run")
+    with pytest.raises(config_lib.ConfigError, match="no complete checkpoint"):
+        config_lib.validate(c)
+    c.init_from = _hf_config_dir(tmp_path / "same", _with(c, **{"model.total_ut_steps": 8}))  # T may change
+    config_lib.validate(c)
+
+
+def _with(c, **overrides):
+    c = c.copy_and_resolve_references()
+    c.update_from_flattened_dict(overrides)
+    return c
 
 
 def _with_local_data(c, tmp_path):
@@ -51,7 +90,7 @@ def test_config_validates(name, arg, tmp_path):
     if c.init_upcycle or c.objective.stage == 2:  # upcycling and Stage II need a source run
         with pytest.raises(config_lib.ConfigError, match=r"(init_upcycle: needs|init_from: Stage II)"):
             config_lib.validate(c, platform=platform)
-        c.init_from = "/runs/ouro_1p4b_1a"
+        c.init_from = _hf_config_dir(tmp_path / "source", c)
     if platform:
         with pytest.raises(config_lib.ConfigError, match=r"model\.attention_impl: 'splash' is the TPU"):
             config_lib.validate(c, platform="gpu")

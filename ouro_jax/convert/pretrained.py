@@ -108,27 +108,88 @@ def _config(source: str, build) -> OuroConfig:
 
 
 def _from_hf(directory: Path, config_dict: dict, runtime: dict) -> Ouro:
+    config = _hf_config(directory, config_dict, runtime)
+    with contextlib.ExitStack() as stack:
+        return _build(config, _hf_arrays(directory, config, stack))
+
+
+def _hf_config(directory: Path, config_dict: dict, runtime: dict) -> OuroConfig:
     model_type = config_dict.get("model_type")
     if model_type != MODEL_TYPE:
         raise CheckpointError(f"{directory / 'config.json'}: model_type is {model_type!r}, not "
                               f"{MODEL_TYPE!r}; only Ouro checkpoints can be loaded")
-    config = _config(f"{directory / 'config.json'}", lambda: OuroConfig.from_hf_dict(config_dict, **runtime))
+    return _config(f"{directory / 'config.json'}", lambda: OuroConfig.from_hf_dict(config_dict, **runtime))
+
+
+def _hf_arrays(directory: Path, config: OuroConfig,
+               stack: contextlib.ExitStack) -> Iterator[tuple[hf.Path, np.ndarray]]:
+    """(ouro_jax path, array in config.param_dtype) one table rule at a time, after checking every
+    safetensors tensor against `config` (all problems in one CheckpointError)."""
+    handles = _open_safetensors(directory, stack)
+    shapes, dtypes = {}, {}
+    for name, handle in handles.items():
+        view = handle.get_slice(name)
+        shapes[name], dtypes[name] = tuple(view.get_shape()), view.get_dtype()
+    problems = hf.tensor_problems(config, shapes)
+    bad = sorted(f"{name} ({dt})" for name, dt in dtypes.items() if dt not in _READABLE_DTYPES)
+    if bad:
+        problems.append(f"{len(bad)} not floating point {_READABLE_DTYPES}: " + ", ".join(bad[:8]))
+    if problems:
+        raise CheckpointError(f"{directory}: the safetensors weights do not match config.json: "
+                              + "; ".join(problems))
+    return hf.from_hf_tensors(config, lambda name: handles[name].get_tensor(name), config.param_jnp_dtype)
+
+
+FUNCTION_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "rope_theta",
+                   "rope_scaling", "rms_norm_eps", "use_sliding_window", "sliding_window",
+                   "max_window_layers", "tie_word_embeddings")
+"""OuroConfig fields that define the function the weights compute (not the loop count, context length,
+token ids or runtime settings, which a fine-tune may choose)."""
+
+
+def check_source(path: str | os.PathLike, model: OuroConfig) -> run.Location:
+    """Where `path` (a run, one of its steps or a Hugging Face Ouro directory) is, after checking that
+    its architecture is `model`'s (FUNCTION_FIELDS) and, for a run, that it holds a checkpoint.
+
+    Raises FileNotFoundError / run.RunError (CheckpointError) with every differing field in one line.
+    """
+    location = run.locate(path)
+    if location.kind == "hf":
+        source = _hf_config(location.root, run.read_json(location.root / "config.json", CheckpointError), {})
+    else:
+        run.checkpoint_step_dir(path)  # raises when the run has no complete checkpoint
+        source = run.model_config(location.root)
+    differ = [f"{name}={getattr(source, name)!r} (config.model: {getattr(model, name)!r})"
+              for name in FUNCTION_FIELDS if getattr(source, name) != getattr(model, name)]
+    if differ:
+        raise CheckpointError(f"{path}: another architecture than config.model: " + ", ".join(differ))
+    return location
+
+
+def hf_params(path: str | os.PathLike, model: OuroConfig, abstract_params) -> dict:
+    """The parameters of the Hugging Face Ouro directory `path` as a pure dict in `abstract_params`'
+    shapes, dtypes and shardings (training's `init_from`: each tensor goes straight to its shards).
+
+    Raises CheckpointError when `path` is not an Ouro directory, its tensors do not match its
+    config.json, or its architecture differs from `model` (`check_source`).
+    """
+    directory = check_source(path, model).root
+    config = _hf_config(directory, run.read_json(directory / "config.json", CheckpointError),
+                        {"dtype": model.dtype, "param_dtype": model.param_dtype})
+    params = jax.tree.map(lambda x: x, abstract_params)  # a copy whose leaves are replaced below
     with contextlib.ExitStack() as stack:
-        handles = _open_safetensors(directory, stack)
-        shapes, dtypes = {}, {}
-        for name, handle in handles.items():
-            view = handle.get_slice(name)
-            shapes[name], dtypes[name] = tuple(view.get_shape()), view.get_dtype()
-        problems = hf.tensor_problems(config, shapes)
-        bad = sorted(f"{name} ({dt})" for name, dt in dtypes.items() if dt not in _READABLE_DTYPES)
-        if bad:
-            problems.append(f"{len(bad)} not floating point {_READABLE_DTYPES}: " + ", ".join(bad[:8]))
-        if problems:
-            raise CheckpointError(f"{directory}: the safetensors weights do not match config.json: "
-                                  + "; ".join(problems))
-        arrays = hf.from_hf_tensors(config, lambda name: handles[name].get_tensor(name),
-                                    config.param_jnp_dtype)
-        return _build(config, arrays)
+        for key_path, array in _hf_arrays(directory, config, stack):
+            parent = params
+            for key in key_path[:-1]:
+                parent = parent[key]
+            target = parent[key_path[-1]]
+            if (array.shape, array.dtype) != (target.shape, target.dtype):
+                raise AssertionError(f"hf.rules disagrees with the abstract parameters at {key_path}: "
+                                     f"{array.shape} {array.dtype}, expected {target.shape} {target.dtype}")
+            parent[key_path[-1]] = jax.device_put(array, target.sharding).block_until_ready()
+            del array
+    return params
 
 
 def _open_safetensors(directory: Path, stack: contextlib.ExitStack) -> dict[str, safe_open]:

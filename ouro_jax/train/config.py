@@ -17,8 +17,9 @@ from typing import Any
 import jax
 import ml_collections
 
-from ouro_jax import sharding
+from ouro_jax import run, sharding
 from ouro_jax.cli import UserError
+from ouro_jax.convert.pretrained import check_source
 from ouro_jax.data import pipeline
 from ouro_jax.model.config import OuroConfig, tiny
 from ouro_jax.objective import WEIGHTINGS
@@ -80,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 500  # 0: no periodic evaluation
     c.max_checkpoints_to_keep = 3
     c.async_checkpointing = True
-    c.init_from = ""  # a run directory / checkpoint to take the parameters from
+    c.init_from = ""  # parameters to start from: a run, one of its checkpoint steps, or an HF Ouro directory
     c.init_upcycle = ""  # "stacked" or "interleaved": duplicate init_from's layers (24 -> 48)
     c.model = model_dict(tiny())
     c.objective = ml_collections.ConfigDict(
@@ -130,6 +131,9 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
         raise ConfigError(f"config.model: {err}") from None
     _check(not c.init_upcycle or model.num_hidden_layers % 2 == 0, "init_upcycle",
            f"model.num_hidden_layers={model.num_hidden_layers} is not twice a source depth")
+    if check_inputs and c.init_from:
+        _check_init_from(c.init_from, model.replace(num_hidden_layers=model.num_hidden_layers // 2)
+                         if c.init_upcycle else model)
     objective = _objective(c, check_inputs)
     opt = _optimizer(c)
 
@@ -159,6 +163,14 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
            f"{data.batch_size} rows must split into optimizer.grad_accum_steps={micro} micro-batches over "
            f"data x fsdp = {rows} devices and over {processes} processes")
     return Resolved(model=model, objective=objective, optimizer=opt, mesh=mesh, micro_batches=micro)
+
+
+def _check_init_from(path: str, model: OuroConfig) -> None:
+    """`init_from` exists, holds a checkpoint and computes `model`'s function (before anything compiles)."""
+    try:
+        check_source(path, model)
+    except (FileNotFoundError, run.RunError) as err:
+        raise ConfigError(f"config.init_from: {err}") from None
 
 
 def _objective(c: ml_collections.ConfigDict, check_inputs: bool) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from ouro_jax import distributed, run, sharding
+from ouro_jax.convert.pretrained import hf_params
 from ouro_jax.data import pipeline
 from ouro_jax.train import config as config_lib
 from ouro_jax.train import metrics as metrics_lib
@@ -74,13 +75,20 @@ class _StopRequests:
 
 
 def _initial_params(config, resolved, program: program_lib.Program):
-    """Parameters from `config.init_from` (optionally upcycled to twice its layers), placed on the mesh."""
-    source = program.abstract_params
+    """Parameters from `config.init_from` (a run, one of its steps or a Hugging Face Ouro directory;
+    optionally upcycled to twice its layers), placed on the mesh."""
+    source = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          program.abstract_params, program.param_shardings)  # any saving topology
+    model = resolved.model
     if config.init_upcycle:
-        layers = resolved.model.num_hidden_layers
+        model = model.replace(num_hidden_layers=model.num_hidden_layers // 2)
         source = {**source, "layers": jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct((layers // 2, *x.shape[1:]), x.dtype), source["layers"])}
-    params = run.restore_params(config.init_from, source)
+            lambda x: jax.ShapeDtypeStruct((model.num_hidden_layers, *x.shape[1:]), x.dtype,
+                                           sharding=x.sharding), source["layers"])}
+    if run.locate(config.init_from).kind == "hf":
+        params = hf_params(config.init_from, model, source)
+    else:
+        params = run.restore_params(config.init_from, source)
     if config.init_upcycle:
         params = upcycle(params, factor=2, order=config.init_upcycle)
     return jax.device_put(params, program.param_shardings)

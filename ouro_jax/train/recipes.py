@@ -182,8 +182,8 @@ def sft(model: str = "cpu", weighting: str = SFT_WEIGHTING) -> ml_collections.Co
 
     "cpu": the byte-level `text("cpu")` model on `chat.generated_conversations()` (no files needed),
     128-token rows. "ouro_1p4b" / "ouro_2p6b": the Thinking models' SFT (§4.2): 32K context, Adam
-    (0.9, 0.95) without weight decay, lr 2e-5 cosine, 2 epochs, from `init_from` (a run, or an HF
-    directory imported with `python -m ouro_jax.convert --to=run`). Batch (64 rows of 32K), warmup (1 %)
+    (0.9, 0.95) without weight decay, lr 2e-5 cosine, 2 epochs, from `init_from` (an HF
+    directory such as a download of ByteDance/Ouro-1.4B, or a run). Batch (64 rows of 32K), warmup (1 %)
     and steps (about 2 epochs of 8.3M conversations of ~4K tokens) are not published: set
     `--config.total_steps` for your data.
     """
