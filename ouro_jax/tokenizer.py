@@ -55,9 +55,10 @@ CHAT_TEMPLATE = (
 trains by default."""
 
 ROLES = ("system", "user", "assistant")
-CHAT_MASKS = ("assistant", "last_assistant", "all")
-"""What `encode_chat_for_training` trains: every assistant turn's content and closing `<|im_end|>`
-(default), only the last assistant turn's, or every token."""
+CHAT_MASKS = ("assistant", "last_assistant", "all", "user")
+"""What `encode_chat_for_training` marks: every assistant turn's content and closing `<|im_end|>`
+(default), only the last assistant turn's, every token, or every user turn's content and `<|im_end|>`
+(to measure the loss on what an assistant-only fine-tune leaves untrained)."""
 
 
 def load(name_or_path: str = "ouro") -> Tokenizer:
@@ -127,13 +128,15 @@ def check_messages(messages) -> None:
         raise ValueError("conversation has no assistant turn (nothing to train on)")
 
 
-def render_chat_for_training(messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+def render_chat_for_training(messages: Sequence[dict], role: str = "assistant"
+                             ) -> tuple[str, list[tuple[int, int]]]:
     """`format_chat(messages, add_generation_prompt=False)` and the character spans [start, end) of each
-    assistant turn's content plus its `<|im_end|>` (the template's `{% generation %}` blocks), in order."""
+    `role` turn's content plus its `<|im_end|>` (for assistant turns the template's `{% generation %}`
+    blocks), in order."""
     text, spans = "", []
     for m in messages:
         text += f"{IM_START}{m['role']}\n"
-        if m["role"] == "assistant":
+        if m["role"] == role:
             spans.append((len(text), len(text) + len(m["content"]) + len(IM_END)))
         text += f"{m['content']}{IM_END}\n"
     return text, spans
@@ -146,7 +149,8 @@ def encode_chat_for_training(tokenizer: Tokenizer, messages: Sequence[dict], mas
     The ids are `encode_chat(tokenizer, messages, add_generation_prompt=False)`. `mask` (`CHAT_MASKS`):
     "assistant" marks every assistant turn's content and its closing `<|im_end|>` (not the
     `<|im_start|>assistant\\n` header, not system or user turns; `<think>...</think>` is content);
-    "last_assistant" only the last assistant turn's; "all" every token. A token is marked when it holds
+    "last_assistant" only the last assistant turn's; "all" every token; "user" every user turn's
+    content and `<|im_end|>` (never trained by default: for evaluation). A token is marked when it holds
     any character of a marked span, the rule of Hugging Face's `return_assistant_tokens_mask`, so with
     the default the pair equals what `apply_chat_template(messages, tokenize=True, return_dict=True,
     return_assistant_tokens_mask=True)` of a tokenizer written by `save_hf_files` returns. mask[i] says
@@ -158,13 +162,13 @@ def encode_chat_for_training(tokenizer: Tokenizer, messages: Sequence[dict], mas
     if mask not in CHAT_MASKS:
         raise ValueError(f"chat mask {mask!r} must be one of {', '.join(CHAT_MASKS)}")
     check_messages(messages)
-    text, spans = render_chat_for_training(messages)
+    text, spans = render_chat_for_training(messages, "user" if mask == "user" else "assistant")
     encoding = tokenizer.encode(text, add_special_tokens=False)
     ids = np.array(encoding.ids, np.int32)
     if mask == "all":
         return ids, np.ones_like(ids)
     trained = np.zeros_like(ids)
-    for start, end in spans if mask == "assistant" else spans[-1:]:
+    for start, end in spans[-1:] if mask == "last_assistant" else spans:
         first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
         if first is None:  # as Hugging Face does: a span whose first character has no token ends the mask
             break

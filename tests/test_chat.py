@@ -66,6 +66,8 @@ def test_mask_by_hand_on_bytes():
     assert last_text == "<think>c</think><|im_end|>"
     _, every = tk.encode_chat_for_training(tokenizer, messages, mask="all")
     assert every.all()
+    _, user = tk.encode_chat_for_training(tokenizer, messages, mask="user")
+    assert tokenizer.decode(ids[user == 1].tolist(), skip_special_tokens=False) == "hi<|im_end|>x<|im_end|>"
 
 
 @pytest.mark.parametrize("messages, why", [
@@ -237,6 +239,13 @@ def test_evaluate_data_scores_assistant_tokens_only(chats, tmp_path):
                                      seq_len=S)
     assert sum(int(b["loss_mask"].sum()) for b in batches) == want
     assert "40 of 40 conversations kept" in description
+    user = sum(int(tk.encode_chat_for_training(tokenizer, m, mask="user")[1][1:].sum())
+               for m in chats["conversations"])
+    batches, description = data.load(chats["files"][0] + "," + chats["files"][1], model_path="unused",
+                                     model_kind="run", vocab_size=320, tokenizer="bytes", batch_size=4,
+                                     seq_len=S, chat_mask="user")
+    assert description.startswith("user tokens of")
+    assert sum(int(b["loss_mask"].sum()) for b in batches) == user > 0
     text = _write_jsonl(tmp_path / "text.jsonl", [{"text": "not a conversation"}])
     assert not data.is_chat(text) and data.is_chat(chats["files"][1])
 

@@ -39,7 +39,7 @@ Config keys (`default_config()`; `data` may hold any subset, unknown keys are an
   chat.files    conversation .jsonl paths or globs (formats: `chat`), comma-separated or a list;
                 "generated" = `chat.generated_conversations()`.
   chat.mask     trained tokens: "assistant" (each assistant turn's content and <|im_end|>),
-                "last_assistant" or "all" (`tokenizer.encode_chat_for_training`). default "assistant"
+                "last_assistant", "all" or "user" (`tokenizer.encode_chat_for_training`). default "assistant"
   chat.overflow a conversation longer than seq_len: "truncate" or "drop" (counts logged). default "truncate"
   array_record.paths  glob(s) or directory of shards written by `ouro_jax.data.prepare`.
   mixture       source "mixture": name -> {"weight": w, "source": ..., its keys} (`mixture`).

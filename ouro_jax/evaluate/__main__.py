@@ -19,7 +19,8 @@ metric at each loop count of --loops and under each Q-exit threshold, in DIR/tas
 two plots; --batch_size, --dtype and --tokenizer apply as to the lm-eval model.
 
 --data: empty for a run's own held-out data; a synthetic task name (e.g. phop); chat .jsonl files
-({"messages": ...} or {"prompt", "completion"} lines: loss and accuracy on the assistant tokens only); or
+({"messages": ...} or {"prompt", "completion"} lines: loss and accuracy on the assistant tokens only, or
+on --chat_mask's, e.g. user for the tokens an SFT run leaves untrained); or
 .txt / .jsonl files (comma-separated paths or globs), tokenised with the model's own tokenizer
 (`run.tokenizer_of`: PATH/tokenizer.json, else the run's data.tokenizer, else Ouro's; --tokenizer overrides).
 """
@@ -34,6 +35,7 @@ import time
 from absl import flags
 
 from ouro_jax import cli, distributed  # distributed: its flags
+from ouro_jax.tokenizer import CHAT_MASKS
 
 _MODEL = flags.DEFINE_string("model", None, "Run directory, step directory or Hugging Face Ouro directory.")
 _DATA = flags.DEFINE_string("data", "", "Empty: the run's held-out data; a task name (phop, ...); or "
@@ -50,6 +52,8 @@ _NUM_BATCHES = flags.DEFINE_integer("num_batches", None, "Batches to evaluate (d
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of a task's held-out examples (--data=TASK).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "'ouro' or a tokenizer.json for text data "
                                  "(default: the model's own, `run.tokenizer_of`).")
+_CHAT_MASK = flags.DEFINE_enum("chat_mask", "assistant", list(CHAT_MASKS), "The tokens of chat --data "
+                                "scored: assistant (what SFT trains), last_assistant, all, or user.")
 _TEXT_FIELD = flags.DEFINE_string("text_field", "text", "Field holding the text in .jsonl lines.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.")
 _Q = flags.DEFINE_list("q", None, "Q-exit thresholds in [0, 1] (default 0.05,0.1,0.2,...,0.9,0.95,0.99).")
@@ -158,7 +162,8 @@ def main(argv):
     batches, description = data.load(
         _DATA.value, model_path=_MODEL.value, model_kind=location.kind, vocab_size=config.vocab_size,
         seed=_SEED.value, batch_size=_BATCH_SIZE.value, seq_len=_SEQ_LEN.value,
-        num_batches=_NUM_BATCHES.value, tokenizer=tokenizer, field=_TEXT_FIELD.value)
+        num_batches=_NUM_BATCHES.value, tokenizer=tokenizer, field=_TEXT_FIELD.value,
+        chat_mask=_CHAT_MASK.value)
     num_loops = config.total_ut_steps + _EXTRA_LOOPS.value
     primary = jax.process_index() == 0
     mine = len(metrics.process_share(len(batches)))

@@ -99,12 +99,15 @@ def is_chat(files: str) -> bool:
     return isinstance(first, dict) and ("messages" in first or {"prompt", "completion"} <= first.keys())
 
 
-def chat_batches(files: str, *, vocab_size: int, tokenizer: str = "ouro", batch_size: int | None = None,
-                 seq_len: int | None = None, num_batches: int | None = None) -> tuple[list[dict], str]:
-    """Every conversation of `files` in ChatML, the loss mask on assistant tokens (their content and
-    closing <|im_end|>), one segment each (longer ones truncated to S), packed into rows."""
+def chat_batches(files: str, *, vocab_size: int, tokenizer: str = "ouro", mask: str = "assistant",
+                 batch_size: int | None = None, seq_len: int | None = None,
+                 num_batches: int | None = None) -> tuple[list[dict], str]:
+    """Every conversation of `files` in ChatML, the loss mask on `mask`'s tokens (`tokenizer.CHAT_MASKS`;
+    by default the assistant turns' content and closing <|im_end|>), one segment each (longer ones
+    truncated to S), packed into rows."""
     rows, length = batch_size or TEXT_BATCH_SIZE, seq_len or TEXT_SEQ_LEN
-    data = {"source": "chat", "tokenizer": tokenizer, "seq_len": length, "chat": {"files": files}}
+    data = {"source": "chat", "tokenizer": tokenizer, "seq_len": length,
+            "chat": {"files": files, "mask": mask}}
     try:
         pipeline.check_inputs(data, vocab_size=vocab_size)
         cfg = pipeline.resolve_config(data)
@@ -112,14 +115,15 @@ def chat_batches(files: str, *, vocab_size: int, tokenizer: str = "ouro", batch_
     except (ValueError, OSError) as err:
         raise UserError(f"--data: {err}") from None
     batches = _packed(grain.MapDataset.source(chat.Examples(corpus, length)), rows, length, num_batches)
-    return batches, f"assistant tokens of {files} ({corpus.summary('truncate')})"
+    return batches, f"{mask} tokens of {files} ({corpus.summary('truncate')})"
 
 
 def load(data: str, *, model_path: str, model_kind: str, vocab_size: int, seed: int = 0, **options):
     """Dispatch `--data`: "" (the run's own data; only for a run or one of its steps), a task name, chat
-    .jsonl files (`is_chat`) or text files. `options`: batch_size, seq_len, num_batches, and for text
-    tokenizer and field."""
+    .jsonl files (`is_chat`) or text files. `options`: batch_size, seq_len, num_batches; tokenizer for
+    text and chat; field for text; chat_mask for chat."""
     text_options = {k: options.pop(k) for k in ("tokenizer", "field") if k in options}
+    chat_mask = options.pop("chat_mask", "assistant")
     if not data:
         if model_kind == "hf":
             raise UserError(f"--model={model_path} is a Hugging Face directory: pass --data (text files "
@@ -129,5 +133,5 @@ def load(data: str, *, model_path: str, model_kind: str, vocab_size: int, seed: 
         return task_batches(data, vocab_size=vocab_size, seed=seed, **options)
     if is_chat(data):
         return chat_batches(data, vocab_size=vocab_size, tokenizer=text_options.get("tokenizer", "ouro"),
-                            **options)
+                            mask=chat_mask, **options)
     return text_batches(data, vocab_size=vocab_size, **text_options, **options)
