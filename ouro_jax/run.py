@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from typing import Any
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from ouro_jax.model.config import RUNTIME_FIELDS, OuroConfig
@@ -279,6 +281,36 @@ def checkpoint_step_dir(path: str | os.PathLike) -> Path:
     if location.step_dir is None:
         raise FileNotFoundError(f"{path}: no complete checkpoint under {checkpoint_dir(location.root)}")
     return location.step_dir
+
+
+class StopRequests:
+    """SIGTERM / SIGINT set a flag a training loop reads at step boundaries (`check`: all processes
+    agree); a second SIGINT restores Python's handler and interrupts at once. Handlers are restored on
+    `close`."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested: str | None = None
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        del frame
+        if self.requested and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def check(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested is not None
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested is not None))))
+
+    def close(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def restore_params(path: str | os.PathLike, abstract_params) -> dict:

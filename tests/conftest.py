@@ -1,10 +1,12 @@
 """Test setup: 8 fake CPU devices before JAX is imported, absl flags marked parsed (grain workers)."""
 
 import os
+import re
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+_DEVICES = "--xla_force_host_platform_device_count"  # set exactly once, also in xdist workers
+_OTHER_FLAGS = re.sub(_DEVICES + r"=\d+", "", os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = f"{_OTHER_FLAGS} {_DEVICES}=8".strip()
 
 
 def pytest_configure(config):

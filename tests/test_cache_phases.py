@@ -6,6 +6,7 @@ and rows that stop early."""
 import pytest
 
 from ouro_jax.inference import generate, left_pad, step
+from ouro_jax.rl.exactness import sharp_model
 
 import util
 
@@ -29,7 +30,7 @@ def test_phases_double_up_to_m(m):
 
 @pytest.fixture(scope="module")
 def model():
-    return util.sharp_exit_model()
+    return sharp_model()
 
 
 @pytest.mark.parametrize("settings", [

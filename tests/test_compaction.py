@@ -8,6 +8,7 @@ import pytest
 
 from ouro_jax.inference import generate, left_pad
 from ouro_jax.inference.compaction import row_buckets
+from ouro_jax.rl.exactness import sharp_model
 
 import util
 
@@ -21,7 +22,7 @@ STOP = (29, 61)  # stops some rows early, so that rows that have finished are le
 
 @pytest.fixture(scope="module")
 def model():
-    return util.sharp_exit_model()
+    return sharp_model()
 
 
 def expected_row_loops(exit_loops: np.ndarray, num_loops: int, compute: bool,

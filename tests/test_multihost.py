@@ -60,7 +60,7 @@ def _process_env(devices: int, xla_flags: str = "", **extra: str) -> dict[str, s
     """The environment of one CPU process with `devices` devices (the suite's 8-device flag removed)."""
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
     return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices),
-            "XLA_FLAGS": flags + xla_flags, **extra}
+            "XLA_FLAGS": (flags + xla_flags).strip(), **extra}
 
 
 class Launch:

@@ -97,3 +97,4 @@ def test_replay_is_differentiable(model, kv_sharing, skipped_kv):
     grads = nnx.jit(nnx.grad(loss))(model)
     norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
     assert all(np.isfinite(norms)) and max(norms) > 0
+

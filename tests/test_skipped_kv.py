@@ -11,6 +11,7 @@ from flax import nnx
 
 from ouro_jax.convert.hf import to_torch
 from ouro_jax.inference import generate, left_pad
+from ouro_jax.rl.exactness import sharp_model
 
 import oracle
 import util
@@ -23,7 +24,7 @@ QS = (0.2, 0.5, 0.8)
 
 @pytest.fixture(scope="module")
 def model():
-    return util.sharp_exit_model()
+    return sharp_model()
 
 
 @nnx.jit

@@ -157,7 +157,7 @@ def test_ctrl_c_saves_and_the_rerun_continues_exactly(tmp_path):
     assert "Traceback" not in err and "stopped: SIGINT: saved step" in err
     saved = run.latest_step(workdir)
     assert saved is not None and 5 <= saved < 200
-    assert out.strip().startswith(f"step {records(workdir)[-1]['step']}: objective ")
+    assert out.strip().startswith(f"step {records(workdir)[-1]['step']}: loss ")
     rerun = run_cli(train_args(workdir, **steps))
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resumed from step {saved}" in rerun.stderr

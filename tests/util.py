@@ -59,18 +59,6 @@ def unrolled_forward(model, input_ids, num_loops):
     return jnp.stack(logits), jnp.stack(gates)
 
 
-def sharp_exit_model():
-    """A tiny Ouro whose exit gate is sharp enough that tokens exit at every loop, and whose LM head is
-    scaled so that greedy choices are not near-ties."""
-    from ouro_jax.model.config import tiny
-    from ouro_jax.model.ouro import Ouro
-
-    model = Ouro(tiny(), rngs=nnx.Rngs(1))
-    model.early_exit_gate.kernel[...] = model.early_exit_gate.kernel[...] * 12
-    model.lm_head.kernel[...] = model.lm_head.kernel[...] * 8
-    return model
-
-
 def assert_same_decoding(expected, actual):
     """Two `generate` outputs agree: tokens, exit loops, lengths, and every cache entry a later token
     could read."""

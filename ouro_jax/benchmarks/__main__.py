@@ -4,6 +4,7 @@ markdown and add its figures to FILE (a JSON object keyed by benchmark name; oth
     python -m ouro_jax.benchmarks --bench=train                 # every train.* benchmark
     python -m ouro_jax.benchmarks --bench=train.fwd_bwd,train.step --scan_layers=false \
         --remat_policy=save_qkv_context
+    python -m ouro_jax.benchmarks --bench=train.sft --batch=16 --seq_len=128 --sft_steps=30
     python -m ouro_jax.benchmarks --bench=decode --json=bench.json
     python -m ouro_jax.benchmarks --bench=decode.exit --run_dir=runs/demo
     python -m ouro_jax.benchmarks --bench=decode.rows --new_tokens=64 --repeats=3
@@ -13,7 +14,7 @@ markdown and add its figures to FILE (a JSON object keyed by benchmark name; oth
     python -m ouro_jax.benchmarks --bench=serve --serve_rates=1,4 --serve_thresholds=none,0.5
 
 NAME is a benchmark (`BENCHMARKS`) or a group (train, decode, convert, eval). What each measures is in the
-docstrings of `ouro_jax.benchmarks.train`, `.decode`, `.decode_split`, `.convert`, `.eval_sweep` and
+docstrings of `ouro_jax.benchmarks.train`, `.sft`, `.decode`, `.decode_split`, `.convert`, `.eval_sweep` and
 `.serve`. Bad input prints one line.
 """
 
@@ -39,6 +40,8 @@ _REMAT_POLICY = flags.DEFINE_string("remat_policy", "none", "train.fwd_bwd, trai
                                     "OuroConfig.remat_policy.")
 _SCAN_LAYERS = flags.DEFINE_bool("scan_layers", True, "train.fwd_bwd, train.step: OuroConfig.scan_layers.")
 _BETA = flags.DEFINE_float("beta", 0.1, "train.*: Stage I entropy coefficient.")
+_SFT_STEPS = flags.DEFINE_integer("sft_steps", 30, "train.sft: training steps of each run (the first two "
+                                  "untimed).", lower_bound=3)
 # decode.*
 _BATCHES = flags.DEFINE_list("batches", ["1", "8"], "decode.speed, decode.split: batch sizes.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 64, "decode.speed, .cache, .rows, .split: prompt length.")
@@ -108,7 +111,7 @@ def _numbers(flag) -> list:
 
 def _run(name: str):
     """The `Result` of benchmark `name` with the flags' settings."""
-    from ouro_jax.benchmarks import convert, decode, decode_split, eval_sweep, serve, train
+    from ouro_jax.benchmarks import convert, decode, decode_split, eval_sweep, serve, sft, train
 
     sizes = dict(batch=_BATCH.value, seq_len=_SEQ_LEN.value, beta=_BETA.value, shape=_SHAPE.value)
     layout = dict(remat_policy=_REMAT_POLICY.value, scan_layers=_SCAN_LAYERS.value)
@@ -119,6 +122,8 @@ def _run(name: str):
         "train.memory": lambda: train.memory(**sizes),
         "train.fwd_bwd": lambda: train.fwd_bwd(repeats=repeats, **sizes, **layout),
         "train.step": lambda: train.step(repeats=repeats, **sizes, **layout),
+        "train.sft": lambda: sft.sft_vs_pretraining(steps=_SFT_STEPS.value, batch=_BATCH.value,
+                                                    seq_len=_SEQ_LEN.value, shape=_SHAPE.value),
         "decode.speed": lambda: decode.speed(repeats=repeats, batches=_numbers(_BATCHES), **tokens),
         "decode.cache": lambda: decode.cache(repeats=repeats, **tokens),
         "decode.exit": lambda: decode.exit_policies(

@@ -37,7 +37,7 @@ from ouro_jax.model.config import OuroConfig
 from ouro_jax.model.ouro import Ouro
 from ouro_jax.rl import losses, replay, rewards
 from ouro_jax.train import metrics as metrics_lib
-from ouro_jax.train.loop import Interrupted, TrainingDiverged, _StopRequests
+from ouro_jax.train.loop import Interrupted, TrainingDiverged
 from ouro_jax.train.optimizer import make_optimizer
 
 TRAIN_STREAM, HELD_OUT_STREAM = 0, 1
@@ -245,7 +245,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
             _write_json(summary_path, summary)
         run.record_config(workdir, c, step=resumed or 0)
         writer = metrics_lib.MetricsWriter(workdir, resumed_step=resumed)
-        stop = _StopRequests()
+        stop = run.StopRequests()
         update = _update_fn(graphdef, c, c.data.seq_len, tx)
         step, record = resumed or 0, {}
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import sys
 import time
 
@@ -43,35 +42,6 @@ class Interrupted(Exception):
 
     def __reduce__(self):  # raised in a worker process of `experiments.suite`
         return Interrupted, (self.signal_name, self.step)
-
-
-class _StopRequests:
-    """SIGTERM / SIGINT set a flag the loop reads at step boundaries (all processes agree); a second
-    SIGINT restores Python's handler and interrupts at once. Handlers are restored on `close`."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested: str | None = None
-        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-
-    def _handle(self, signum, frame):
-        del frame
-        if self.requested and signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    def check(self) -> bool:
-        if jax.process_count() == 1:
-            return self.requested is not None
-        from jax.experimental import multihost_utils
-
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested is not None))))
-
-    def close(self) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 def _initial_params(config, resolved, program: program_lib.Program):
@@ -182,7 +152,7 @@ def _same_count_on_every_process(batches: list[dict], data) -> list[dict]:
 def _steps(config, program, state, data_iter, eval_batches, checkpointer, writer) -> dict:
     """Run optimiser steps up to `config.total_steps`; returns the last logged record."""
     eval_batches = [sharding.put_batch(b, program.batch_sharding) for b in eval_batches]
-    stop = _StopRequests()
+    stop = run.StopRequests()
     step = int(state.step)
     progress = metrics_lib.Progress(config.total_steps, step, enabled=jax.process_index() == 0)
     last_log_time, last_log_step = time.perf_counter(), step
