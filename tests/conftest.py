@@ -1,16 +1,36 @@
-"""Test setup: 8 fake CPU devices before JAX is imported, absl flags marked parsed (grain workers)."""
+"""Test setup: 8 fake CPU devices before JAX is imported, one XLA compilation cache per test run, absl
+flags marked parsed (grain workers)."""
 
 import os
 import re
+import shutil
+import tempfile
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 _DEVICES = "--xla_force_host_platform_device_count"  # set exactly once, also in xdist workers
 _OTHER_FLAGS = re.sub(_DEVICES + r"=\d+", "", os.environ.get("XLA_FLAGS", ""))
 os.environ["XLA_FLAGS"] = f"{_OTHER_FLAGS} {_DEVICES}=8".strip()
 
+# The xdist workers (which inherit this environment) and every process a test starts share one persistent
+# compilation cache, every program in it: the suite compiles the same small programs in many tests and
+# commands. The process that made it removes it at the end; a caller's JAX_COMPILATION_CACHE_DIR is kept.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ouro_jax_tests_xla_")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
 
 def pytest_configure(config):
+    import jax
     from absl import flags
 
+    jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 1)))
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

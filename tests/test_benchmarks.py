@@ -27,11 +27,11 @@ SMOKE = {
     "train.memory": ["--batch=2", "--seq_len=8"],
     "train.fwd_bwd": ["--batch=2", "--seq_len=8", "--remat_policy=full"],
     "train.step": ["--batch=2", "--seq_len=8", "--scan_layers=false"],
-    "train.sft": ["--batch=2", "--seq_len=64", "--sft_steps=3"],
+    "train.sft": ["--batch=8", "--seq_len=64", "--sft_steps=3"],  # 8 rows: one per fake device
     "decode.speed": ["--batches=1,2", "--prompt_len=4", "--new_tokens=3"],
     "decode.cache": ["--prompt_len=4", "--new_tokens=3"],
     "decode.exit": ["--train_steps=4", "--examples=4", "--exit_batches=2", "--thresholds=0.5",
-                    "--deltas=0.8"],
+                    "--deltas=0.8", "--mechanism_thresholds=0.5"],
     "decode.rows": ["--row_batches=2", "--gate_scales=10", "--row_thresholds=0.5", "--prompt_len=4",
                     "--new_tokens=3"],
     "decode.split": ["--batches=2", "--prompt_len=4", "--new_tokens=3"],

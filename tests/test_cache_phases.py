@@ -38,6 +38,7 @@ def model():
     dict(exit_threshold=0.5, skipped_kv="project"),
     dict(exit_threshold=0.3, skipped_kv="copy", compact_rows=False, kv_sharing="average"),
 ], ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "full_depth")
+@pytest.mark.slow
 def test_many_phases_equal_one_phase(model, settings, monkeypatch):
     ids, lengths = left_pad(ROWS)
     one = generate(model, ids, NEW, prompt_lengths=lengths, stop_tokens=STOP, **settings)

@@ -28,6 +28,7 @@ def test_every_command_is_a_package_main():
 
 
 @pytest.mark.parametrize("module", CLI_MODULES)
+@pytest.mark.slow
 def test_importing_a_command_leaves_the_public_api_callable(module):
     package = module.rsplit(".", 1)[0]
     code = (f"import importlib, types, ouro_jax\n"
@@ -52,6 +53,7 @@ ABSL_CLI_MODULES = [m for m in CLI_MODULES if not m.startswith("ouro_jax.evaluat
 
 
 @pytest.mark.parametrize("module", ABSL_CLI_MODULES)
+@pytest.mark.slow
 def test_unknown_flag_is_one_line(module):
     result = subprocess.run([sys.executable, "-m", module.rsplit(".", 1)[0], "--no_such_flag=1"],
                             capture_output=True, text=True, timeout=120,

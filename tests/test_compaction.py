@@ -45,8 +45,10 @@ def expected_row_loops(exit_loops: np.ndarray, num_loops: int, compute: bool,
     return loops, rows
 
 
-@pytest.mark.parametrize("skipped_kv", ["compute", "project", "copy"])
-@pytest.mark.parametrize("rows", list(BATCHES.values()), ids=list(BATCHES))
+@pytest.mark.parametrize("skipped_kv", [pytest.param(kv, marks=() if kv == "copy" else pytest.mark.slow)
+                                        for kv in ("compute", "project", "copy")])  # fast subset: batch1-copy
+@pytest.mark.parametrize("rows", [pytest.param(v, id=k, marks=() if k == "batch1" else pytest.mark.slow)
+                                  for k, v in BATCHES.items()])
 def test_compacted_equals_uncompacted(model, rows, skipped_kv):
     """Same tokens, exit loops and defined cache entries at several q; the row-loops each reports match
     the count from its exit loops, and compaction runs fewer of them whenever rows exit or stop."""
@@ -72,6 +74,7 @@ def test_compacted_equals_uncompacted(model, rows, skipped_kv):
 
 
 @pytest.mark.parametrize("kv_sharing", ["last", "average"])
+@pytest.mark.slow
 def test_compacted_equals_uncompacted_with_kv_sharing(model, kv_sharing):
     ids, lengths = left_pad(ROWS[:5])
     for q in QS:

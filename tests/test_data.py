@@ -267,6 +267,7 @@ def test_process_shards_are_disjoint_and_cover(corpus):
     assert sorted(map(bytes, np.concatenate(halves))) == sorted(map(bytes, whole))
 
 
+@pytest.mark.slow
 def test_workers_match_in_process(corpus):
     data = text_config(corpus, num_epochs=None)
     want = [b for _, b in zip(range(12), build_train_dataset(data, seed=4), strict=False)]
@@ -307,6 +308,7 @@ def run_prepare(*args):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_prepare_round_trip_and_errors(corpus, tmp_path):
     out = tmp_path / "shards"
     args = [f"--input={','.join(corpus['files'])}", f"--tokenizer={corpus['tokenizer']}", f"--output={out}",

@@ -58,6 +58,7 @@ SETTINGS = [
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.slow
 def test_engine_tokens_equal_generate(model, settings):
     """Ragged prompts, different max_tokens, 2 slots for 3 requests: the third arrives while the others
     decode and takes the slot the first frees."""
@@ -69,6 +70,7 @@ def test_engine_tokens_equal_generate(model, settings):
     assert_matches_generate(model, got, max_tokens, settings)
 
 
+@pytest.mark.slow
 def test_sampled_tokens_do_not_depend_on_neighbours(model):
     """A seeded sampled request draws the same tokens alone, among other requests, and in `generate`."""
     sampling = dict(temperature=0.8, top_k=20, top_p=0.9)
@@ -91,6 +93,7 @@ def test_sampled_tokens_do_not_depend_on_neighbours(model):
 
 @pytest.mark.parametrize("sampling", [{}, dict(temperature=0.7, top_k=20, top_p=0.9)],
                          ids=["greedy", "top_k_top_p"])
+@pytest.mark.slow
 def test_logprobs_equal_a_float64_recomputation_at_the_exit_loop(model, sampling):
     """The engine's log-probabilities against float64 ones from an uncached forward's per-loop logits at
     each token's exit loop (skipped_kv "compute": the cache holds what the uncached forward computes)."""
@@ -105,6 +108,7 @@ def test_logprobs_equal_a_float64_recomputation_at_the_exit_loop(model, sampling
         np.testing.assert_allclose(logprobs, expected, atol=2e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_finished_row_frees_its_slot_and_stops_at_stop_tokens(model):
     """One slot: requests run one after another, each as alone; a stop token ends a request ("stop")."""
     engine = Engine(model, max_slots=1, max_context=24, exit_threshold=Q)

@@ -114,6 +114,7 @@ def test_a_sweep_runs_one_forward_per_batch(swept, hf_dir):
     assert len(calls) == len(single) > 0
 
 
+@pytest.mark.slow
 def test_generation_per_depth_equals_native_runs(hf_dir, task_dir):
     manager = TaskManager(include_path=str(task_dir))
     lm = tasks.LoopSweepLM(hf_dir, [2, 4], (0.5,), batch_size=4)

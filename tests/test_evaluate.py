@@ -120,6 +120,7 @@ def oracle(model, batches, grid, num_loops):
     return sums
 
 
+@pytest.mark.slow
 def test_metrics_equal_a_float64_recomputation_and_compile_once(monkeypatch):
     model = small_model()
     rng = np.random.default_rng(0)

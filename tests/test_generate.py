@@ -58,6 +58,7 @@ def _full_forward_logits(model, tokens) -> list[np.ndarray]:
     return [logits for logits, _ in _full_forward(model, tokens)]
 
 
+@pytest.mark.slow
 def test_cached_decoding_equals_full_forward_at_every_loop(model, batch):
     ids, lengths = batch
     out = generate(model, ids, NEW, prompt_lengths=lengths, output_loop_logits=True)
@@ -68,6 +69,7 @@ def test_cached_decoding_equals_full_forward_at_every_loop(model, batch):
         np.testing.assert_array_equal(out.tokens[b], reference[:, -1].argmax(-1))
 
 
+@pytest.mark.slow
 def test_forced_tokens_score_a_given_continuation(model, batch):
     ids, lengths = batch
     forced = np.random.default_rng(0).integers(0, model.config.vocab_size, (len(ROWS), NEW))
@@ -77,6 +79,7 @@ def test_forced_tokens_score_a_given_continuation(model, batch):
         np.testing.assert_array_equal(out.tokens[b], reference[:, -1].argmax(-1))
 
 
+@pytest.mark.slow
 def test_exit_threshold_one_equals_full_depth(model, batch):
     ids, lengths = batch
     full = generate(model, ids, NEW, prompt_lengths=lengths)
@@ -115,6 +118,7 @@ def _logprob64(logits, token, temperature=None, top_k=None, top_p=None) -> float
 
 @pytest.mark.parametrize("sampling", [{}, dict(temperature=0.7, top_k=20, top_p=0.9)],
                          ids=["greedy", "top_k_top_p"])
+@pytest.mark.slow
 def test_logprobs_equal_a_float64_recomputation_at_the_exit_loop(model, batch, sampling):
     """Each token's log-probability is that of the distribution it was drawn from (after truncation),
     recomputed in float64 from an uncached forward's logits at the token's exit loop (skipped_kv
@@ -143,6 +147,7 @@ def test_exit_at_loop_uses_loop_k_and_computes_no_further(model, batch, k):
         np.testing.assert_array_equal(out.tokens[b], reference[:, k - 1].argmax(-1))
 
 
+@pytest.mark.slow
 def test_kv_sharing_stores_one_entry_per_layer_for_decoded_tokens(model, batch):
     ids, lengths = batch
     kwargs = dict(prompt_lengths=lengths, exit_threshold=Q, skipped_kv="copy")
@@ -189,6 +194,7 @@ def test_kv_sharing_with_one_loop_equals_no_sharing(batch):
     dict(temperature=0.8, top_k=20, top_p=0.9, seed=7, exit_policy="hidden_delta_relative",
          hidden_delta_eps=0.9, kv_sharing="average"),
 ])
+@pytest.mark.slow
 def test_ragged_batch_equals_each_row_alone(model, batch, kwargs):
     """Also: rows that exit early keep their exit-loop state, exactly as when generated alone."""
     ids, lengths = batch
@@ -227,6 +233,7 @@ def test_stop_tokens_stop_rows_independently(model, batch):
     assert (out.lengths == NEW).any() or stopped == len(ROWS)  # ... while others may run on
 
 
+@pytest.mark.slow
 def test_decode_stops_when_all_rows_are_done(model):
     ids = np.asarray([ROWS[0]])
     free = generate(model, ids, NEW).tokens[0]
@@ -302,6 +309,7 @@ def test_cache_of_finished_rows_is_finite(model, batch, sharing):
 
 
 @pytest.mark.parametrize("relative", [False, True])
+@pytest.mark.slow
 def test_hidden_delta_exits_follow_the_formula(model, batch, relative):
     """Exit loops of exit_policy "hidden_delta" (||h_t - h_{t-1}||_2 < eps, the paper's form) and
     "hidden_delta_relative" (< eps ||h_{t-1}||_2) equal the first loop t >= 2 meeting the rule, computed

@@ -49,6 +49,7 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.mark.parametrize("source", ["run", "hf"])
+@pytest.mark.slow
 def test_streams_text_and_reports_depth(checkpoints, source):
     root, model, _ = checkpoints
     done = _cli(f"--model={root / source}", "--prompt=Hello", "--chat", "--max_new_tokens=5",
@@ -63,6 +64,7 @@ def test_streams_text_and_reports_depth(checkpoints, source):
     assert text == tokenizer.decode(kept)
 
 
+@pytest.mark.slow
 def test_prompt_ids_give_token_ids_without_a_tokenizer(checkpoints):
     """A 4-symbol model (which no text tokenizer fits): ids in, the generated ids out, no stop ids
     unless given; with --stop_ids the output ends before the first stop id."""
@@ -83,6 +85,7 @@ def test_prompt_ids_give_token_ids_without_a_tokenizer(checkpoints):
     assert done.stdout.decode().rsplit("\n\n", 1)[0] == ",".join(map(str, expected[:first_stop]))
 
 
+@pytest.mark.slow
 def test_invalid_utf8_prompt_is_one_line(checkpoints, tmp_path):
     root = checkpoints[0]
     bad = tmp_path / "prompt.txt"
@@ -107,6 +110,7 @@ def test_bad_input_is_one_line_and_exit_code_1(args, message):
     assert message in _one_line_error(_cli(*args))
 
 
+@pytest.mark.slow
 def test_refuses_a_tokenizer_larger_than_the_vocabulary_and_ids_outside_it(checkpoints):
     root = checkpoints[0]
     err = _one_line_error(_cli(f"--model={root / 'symbols'}", "--prompt=hi"))
@@ -115,6 +119,7 @@ def test_refuses_a_tokenizer_larger_than_the_vocabulary_and_ids_outside_it(check
     assert "vocab_size=4" in err
 
 
+@pytest.mark.slow
 def test_a_byte_tokenizer_run_is_prompted_by_text_with_its_own_tokenizer(tmp_path):
     """A run of `configs/text.py:cpu` (byte tokenizer, vocab 320) answers a text prompt: the command reads
     the run's own tokenizer instead of Ouro's 49152 tokens."""

@@ -75,6 +75,7 @@ def q_exit(model, ids, num_loops, q):
     return np.where(reached.any(0), reached.argmax(0), num_loops - 1)
 
 
+@pytest.mark.slow
 def test_scores_equal_an_independent_full_forward(hf_dir):
     from ouro_jax.convert.pretrained import from_pretrained
 
@@ -175,6 +176,7 @@ def test_agrees_with_the_hf_backend_on_local_tasks(hf_dir, tmp_path):
     assert ours["samples"]["ouro_gen"][0]["filtered_resps"] == [uncut[:uncut.index(stop)]]
 
 
+@pytest.mark.slow
 def test_cli_unknown_task_is_one_line_error(hf_dir, capsys, monkeypatch):
     monkeypatch.setattr("sys.argv", ["python"])
     with pytest.raises(SystemExit) as exit_info:

@@ -40,6 +40,7 @@ def _ids(batch=2, seq=12, vocab=128, seed=0):
     {"num_key_value_heads": 4, "head_dim": 24},  # MHA, heads * head_dim != hidden
     {"tie_word_embeddings": True, "total_ut_steps": 3, "num_hidden_layers": 3},
 ])
+@pytest.mark.slow
 def test_matches_float64_oracle(overrides):
     model = _randomise_norms_and_gate(_model(**overrides))
     ids = _ids()
@@ -68,6 +69,7 @@ def test_packed_rows_match_oracle_with_positions():
     np.testing.assert_allclose(out.gate_logits, ref_gates, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_packed_segments_never_attend_across_documents():
     model = _model()
     doc_a, doc_b = _ids(1, 5, seed=1), _ids(1, 7, seed=2)
@@ -96,6 +98,7 @@ def test_causal():
     assert np.abs(a.logits[:, :, 6:] - b.logits[:, :, 6:]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_one_loop_is_a_plain_transformer_and_scan_equals_unrolled_loop():
     model = _randomise_norms_and_gate(_model(num_hidden_layers=3))
     ids = _ids()
@@ -107,6 +110,7 @@ def test_one_loop_is_a_plain_transformer_and_scan_equals_unrolled_loop():
         np.testing.assert_allclose(out.gate_logits, gates, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_fused_layer_equals_the_layer():
     """`DecoderLayer.fuse` (one q/k/v and one gate/up matmul, as decoding runs it) gives the same output
     and k, v as the layer's separate projections, and adds no parameter."""
@@ -175,6 +179,7 @@ def test_bfloat16_compute_keeps_exits_float32():
     np.testing.assert_allclose(out16.exit_pdf, out32.exit_pdf, atol=2e-2)
 
 
+@pytest.mark.slow
 def test_bfloat16_params_are_stored_in_bfloat16():
     model = Ouro(cfgs.tiny(dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0))
     dtypes = {x.dtype for x in jax.tree.leaves(nnx.state(model, nnx.Param))}
@@ -196,6 +201,7 @@ def test_every_parameter_has_logical_axes():
         "layers", "embed", "heads", "kv")
 
 
+@pytest.mark.slow
 def test_jitted_step_does_not_retrace():
     from ouro_jax import objective
 
@@ -228,6 +234,7 @@ def _stage1_value_and_grads(remat_policy):
 
 
 @pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "save_qkv", "save_qkv_context"])
+@pytest.mark.slow
 def test_remat_policies_keep_loss_and_gradients(policy):
     (v0, g0), (v1, g1) = _stage1_value_and_grads("none"), _stage1_value_and_grads(policy)
     np.testing.assert_allclose(v0, v1, rtol=1e-6)

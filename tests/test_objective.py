@@ -66,6 +66,7 @@ def test_last_loop_weighting_is_the_last_loops_masked_ce():
         objective.stage1_loss(model, batch, weighting="uniform")
 
 
+@pytest.mark.slow
 def test_logit_mixture_is_the_released_codes_labels_loss():
     """CE of sum_t p_t logits_t (HF `OuroForCausalLM` given labels), recomputed in float64."""
     model, batch, _, gates = _setup()
@@ -84,6 +85,7 @@ def test_logit_mixture_is_the_released_codes_labels_loss():
 
 
 @pytest.mark.parametrize("chunk", [None, 5])
+@pytest.mark.slow
 def test_stage1_gradient_equals_materialised_logits_path(chunk, monkeypatch):
     """The in-loop, rematerialised CE (whole rows, or chunks of 5 of the 10 positions) gives the same
     loss and gradients as the naive [T, B, S, V] path."""
@@ -171,6 +173,7 @@ def _grad_temp_bytes(num_loops, vocab, naive):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_training_memory_grows_like_one_step_of_logits():
     """Compiled peak temporary memory of the Stage I gradient: the per-step increment does not
     depend on the vocabulary (no step's logits are kept), while materialising all steps does."""

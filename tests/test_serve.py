@@ -112,6 +112,7 @@ def float64_logprobs(model, ids, exit_threshold=None):
 
 
 # --- fast: no generation -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == [NAME]
     assert raw(server[0], "GET", "/health") == (200, {"status": "ok"})

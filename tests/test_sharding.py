@@ -77,6 +77,7 @@ def _full_batch_shapes(hlo: str) -> list[str]:
             if m.startswith(f"{ROWS},{SEQ}") or re.fullmatch(rf"{ROWS},\d+,{SEQ},{SEQ}", m)]
 
 
+@pytest.mark.slow
 def test_the_compiled_train_step_never_holds_the_whole_batch_on_a_device():
     """Per-device HLO shapes: activations and attention scores hold ROWS / 8 rows, never all ROWS
     (without activation constraints XLA splits the hidden size like the FSDP weights and gathers rows)."""

@@ -60,6 +60,7 @@ def naive_greedy(model, rows, new_tokens: int, q: float) -> tuple[np.ndarray, np
 
 
 @pytest.mark.parametrize("rows", [RAGGED[1:2], RAGGED], ids=["batch1", "batch5_ragged"])
+@pytest.mark.slow
 def test_compute_equals_recompute_everything(model, rows):
     ids, lengths = left_pad(rows)
     depths = set()
@@ -96,6 +97,7 @@ def test_compute_equals_pytorch_export_generate(model, one_torch_thread):
         assert (ours.exit_loops < model.config.total_ut_steps).any()
 
 
+@pytest.mark.slow
 def test_project_and_copy_differ_from_compute_only_after_an_early_exit(model):
     """Until a row's first decoded token that exited early, its K/V are the same in every policy, so
     its tokens and exit loops are too; the cheap fills run fewer loops and write finite caches."""
@@ -116,6 +118,7 @@ def test_project_and_copy_differ_from_compute_only_after_an_early_exit(model):
         assert all(np.isfinite(np.asarray(x)).all() for x in out.cache.decode_k + out.cache.decode_v)
 
 
+@pytest.mark.slow
 def test_project_fills_skipped_loops_with_the_exit_states_kv(model):
     """The first decoded token sees exact K/V only, so its exit state is the uncached forward's; the
     slots of the loops it skipped hold RoPE(k_proj(input_layernorm_l(h_exit))) and v_proj(...) for every

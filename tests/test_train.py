@@ -232,6 +232,7 @@ def _step_setup(config, mesh):
     return program.init(), program.train_step, sharding.put_batch(batch, program.batch_sharding)
 
 
+@pytest.mark.slow
 def test_stage2_updates_only_the_gate():
     config = small_config(init_from="/runs/trained", **{"objective.stage": 2, "optimizer.warmup_steps": 0})
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
@@ -248,6 +249,7 @@ def test_stage2_updates_only_the_gate():
     assert np.isfinite(float(metrics["loss"]))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch():
     mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
     one, step1, batch = _step_setup(small_config(), mesh)
@@ -272,6 +274,7 @@ def _single_device_step():
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2)])
+@pytest.mark.slow
 def test_mesh_equivalence_and_real_sharding(shape):
     params1, m1 = _single_device_step()
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, shape, strict=True)))

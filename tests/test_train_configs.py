@@ -173,6 +173,7 @@ def test_validation_checks_mesh_batch_and_stage2_before_compiling(tmp_path):
     (["--config=configs/demoo.py"], "configs/demoo.py"),
     (["--config=configs/ouro_1p4b.py:9"], "stage='9' must be one of"),
 ])
+@pytest.mark.slow
 def test_cli_config_mistakes_are_one_line(args, needle, tmp_path):
     workdir = tmp_path / "run"
     args = [a.replace("configs/", os.path.join(REPO, "configs", "")) for a in args]

@@ -55,6 +55,8 @@ _THRESHOLDS = flags.DEFINE_list(
     "thresholds", ["0.9", "0.7", "0.5", "0.3", "0.2", "0.1", "0.05", "0.02", "0.01", "0.005"],
     "decode.exit: Q-exit thresholds q.")
 _DELTAS = flags.DEFINE_list("deltas", ["0.6", "0.7", "0.8", "1.0"], "decode.exit: hidden_delta_eps values.")
+_MECHANISM_THRESHOLDS = flags.DEFINE_list("mechanism_thresholds", ["0.9", "0.7", "0.5", "0.3"],
+                                          "decode.exit: Q-exit q of the skipping-mechanism table.")
 _ROW_BATCHES = flags.DEFINE_list("row_batches", ["1", "8", "32"], "decode.rows: batch sizes.")
 _GATE_SCALES = flags.DEFINE_list("gate_scales", ["10", "30"],
                                  "decode.rows: factors on the random exit gate's kernel.")
@@ -101,8 +103,8 @@ def selected(names: list[str]) -> list[str]:
 
 
 def _numbers(flag) -> list:
-    kind = float if flag.name in ("thresholds", "deltas", "gate_scales", "row_thresholds", "serve_rates",
-                                  "serve_thresholds") else int
+    kind = float if flag.name in ("thresholds", "deltas", "mechanism_thresholds", "gate_scales",
+                                  "row_thresholds", "serve_rates", "serve_thresholds") else int
     try:
         return [None if v == "none" and flag.name == "serve_thresholds" else kind(v) for v in flag.value]
     except ValueError:
@@ -129,7 +131,7 @@ def _run(name: str):
         "decode.exit": lambda: decode.exit_policies(
             repeats=repeats, run_dir=_RUN_DIR.value, train_steps=_TRAIN_STEPS.value, examples=_EXAMPLES.value,
             batches=_numbers(_EXIT_BATCHES), thresholds=_numbers(_THRESHOLDS), deltas=_numbers(_DELTAS),
-            shape=_SHAPE.value),
+            mechanism_thresholds=tuple(_numbers(_MECHANISM_THRESHOLDS)), shape=_SHAPE.value),
         "decode.rows": lambda: decode.rows(repeats=repeats, batches=_numbers(_ROW_BATCHES),
                                            gate_scales=_numbers(_GATE_SCALES),
                                            thresholds=_numbers(_ROW_THRESHOLDS), **tokens),
@@ -173,8 +175,9 @@ def _check_serve() -> None:
 def main(argv):
     del argv
     names = selected(_BENCH.value)
-    for flag in (_BATCHES, _EXIT_BATCHES, _THRESHOLDS, _DELTAS, _ROW_BATCHES, _GATE_SCALES, _ROW_THRESHOLDS,
-                 _SERVE_RATES, _SERVE_THRESHOLDS, _SERVE_PROMPT_LENS, _SERVE_OUTPUT_LENS):
+    for flag in (_BATCHES, _EXIT_BATCHES, _THRESHOLDS, _DELTAS, _MECHANISM_THRESHOLDS, _ROW_BATCHES,
+                 _GATE_SCALES, _ROW_THRESHOLDS, _SERVE_RATES, _SERVE_THRESHOLDS, _SERVE_PROMPT_LENS,
+                 _SERVE_OUTPUT_LENS):
         _numbers(flag)  # refuse bad numbers before anything runs
     if "serve" in names:
         _check_serve()

@@ -221,6 +221,7 @@ def _exit_table(model, examples, prompt_len, settings, batch, repeats) -> list[d
 
 def exit_policies(*, repeats: int, run_dir: str | None, train_steps: int = 1500, examples: int = 256,
                   batches: list[int], thresholds: list[float], deltas: list[float],
+                  mechanism_thresholds: tuple[float, ...] = (0.9, 0.7, 0.5, 0.3),
                   skipped_kv: tuple[str, ...] = SKIPPED_KV, shape: str = "cpu_benchmark") -> Result:
     """Answer accuracy vs decode time of Q-exit (with each `skipped_kv` policy) and hidden-delta exit on
     a trained p-hop model, and the skipping mechanism at the cpu_benchmark shape (module docstring)."""
@@ -263,12 +264,13 @@ def exit_policies(*, repeats: int, run_dir: str | None, train_steps: int = 1500,
                      for r in rows])
             + f"\n\nFastest Q-exit within 1 point of full-depth answer accuracy: {verdict}")
         figures["batches"].append({"batch": batch, "policies": rows, "best_q_exit": best and best["name"]})
-    mechanism_text, mechanism = _exit_mechanism(repeats, skipped_kv, shape)
+    mechanism_text, mechanism = _exit_mechanism(repeats, mechanism_thresholds, skipped_kv, shape)
     figures["mechanism"] = mechanism
     return Result("\n\n".join([*sections, mechanism_text]), figures)
 
 
-def _exit_mechanism(repeats: int, skipped_kv: tuple[str, ...], shape: str) -> tuple[str, list[dict]]:
+def _exit_mechanism(repeats: int, thresholds: tuple[float, ...], skipped_kv: tuple[str, ...],
+                    shape: str) -> tuple[str, list[dict]]:
     """Skipping at a realistic loop cost: the cpu_benchmark shape (random weights, gate kernel x10 so
     that tokens exit at various loops), batch 1, prompt 64, 64 new tokens, per `skipped_kv` policy;
     tokens are not meaningful, only time against loops run and the agreement with "compute" are."""
@@ -276,7 +278,7 @@ def _exit_mechanism(repeats: int, skipped_kv: tuple[str, ...], shape: str) -> tu
     model.early_exit_gate.kernel[...] = model.early_exit_gate.kernel[...] * 10
     prompts = np.random.default_rng(0).integers(3, model.config.vocab_size, (4, 64))
     settings = [("full depth", {})] + [(f"Q-exit q={q} {kv}", {"exit_threshold": q, "skipped_kv": kv})
-                                       for q in (0.9, 0.7, 0.5, 0.3) for kv in skipped_kv]
+                                       for q in thresholds for kv in skipped_kv]
     times = {name: [np.inf] * len(prompts) for name, _ in settings}
     outs = {name: [None] * len(prompts) for name, _ in settings}
     order = np.random.default_rng(0)
