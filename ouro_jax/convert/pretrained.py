@@ -177,19 +177,8 @@ def hf_params(path: str | os.PathLike, model: OuroConfig, abstract_params) -> di
     directory = check_source(path, model).root
     config = _hf_config(directory, run.read_json(directory / "config.json", CheckpointError),
                         {"dtype": model.dtype, "param_dtype": model.param_dtype})
-    params = jax.tree.map(lambda x: x, abstract_params)  # a copy whose leaves are replaced below
     with contextlib.ExitStack() as stack:
-        for key_path, array in _hf_arrays(directory, config, stack):
-            parent = params
-            for key in key_path[:-1]:
-                parent = parent[key]
-            target = parent[key_path[-1]]
-            if (array.shape, array.dtype) != (target.shape, target.dtype):
-                raise AssertionError(f"hf.rules disagrees with the abstract parameters at {key_path}: "
-                                     f"{array.shape} {array.dtype}, expected {target.shape} {target.dtype}")
-            parent[key_path[-1]] = jax.device_put(array, target.sharding).block_until_ready()
-            del array
-    return params
+        return _fill(jax.tree.map(lambda x: x, abstract_params), _hf_arrays(directory, config, stack))
 
 
 def _open_safetensors(directory: Path, stack: contextlib.ExitStack) -> dict[str, safe_open]:
@@ -215,10 +204,10 @@ def _open_safetensors(directory: Path, stack: contextlib.ExitStack) -> dict[str,
     return handles
 
 
-def _build(config: OuroConfig, arrays: Iterable[tuple[hf.Path, np.ndarray]]) -> Ouro:
-    """An `Ouro` for `config` whose parameters come from `arrays` (ouro_jax path, array), one at a time."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Ouro(config, rngs=nnx.Rngs(0))))
-    params = nnx.to_pure_dict(state)
+def _fill(params: dict, arrays: Iterable[tuple[hf.Path, np.ndarray]]) -> dict:
+    """Replace the abstract leaves (ShapeDtypeStructs) of the pure dict `params` with `arrays` (ouro_jax
+    path, host array), each put on its leaf's sharding (the default device when it has none) before the
+    next is read, so the host holds one array at a time."""
     for path, array in arrays:
         parent = params
         for key in path[:-1]:
@@ -227,8 +216,15 @@ def _build(config: OuroConfig, arrays: Iterable[tuple[hf.Path, np.ndarray]]) -> 
         if (array.shape, array.dtype) != (expected.shape, expected.dtype):
             raise AssertionError(f"hf.rules disagrees with Ouro at {path}: {array.shape} {array.dtype}, "
                                  f"model {expected.shape} {expected.dtype}")
-        parent[path[-1]] = jax.device_put(array).block_until_ready()
+        parent[path[-1]] = jax.device_put(array, getattr(expected, "sharding", None)).block_until_ready()
         del array  # the host copy goes before the next rule is read
+    return params
+
+
+def _build(config: OuroConfig, arrays: Iterable[tuple[hf.Path, np.ndarray]]) -> Ouro:
+    """An `Ouro` for `config` whose parameters come from `arrays` (ouro_jax path, array), one at a time."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Ouro(config, rngs=nnx.Rngs(0))))
+    params = _fill(nnx.to_pure_dict(state), arrays)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
