@@ -54,6 +54,8 @@ def test_init_from_is_checked_before_compiling(tmp_path):
         config_lib.validate(c)
     c.init_from = _hf_config_dir(tmp_path / "same", _with(c, **{"model.total_ut_steps": 8}))  # T may change
     config_lib.validate(c)
+    c.init_from = str(tmp_path / "deleted since the run started")
+    config_lib.validate(c, resuming=True)  # a resumed run reads its own checkpoint, not init_from
 
 
 def _with(c, **overrides):

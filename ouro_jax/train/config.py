@@ -112,12 +112,13 @@ def _check(condition: bool, key: str, why: str) -> None:
 
 def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
              process_count: int | None = None, platform: str | None = None,
-             check_inputs: bool = True) -> Resolved:
+             check_inputs: bool = True, resuming: bool = False) -> Resolved:
     """Check every key the trainer reads against each other and the devices; the first bad one raises
     ConfigError. `num_devices` / `process_count` / `platform` ("cpu", "gpu", "tpu") default to this JAX
     runtime's. `check_inputs=False` skips what only a run reads: the data inputs (files, tokenizer) and
     the checkpoint the parameters start from (`init_from`, which upcycling and Stage II need);
-    ahead-of-time compilation needs only shapes."""
+    ahead-of-time compilation needs only shapes. `resuming`: the run continues from its own checkpoint,
+    so `init_from` is not read (and need not exist any more)."""
     for key in ("total_steps", "log_every_steps"):
         _check(c[key] >= 1, key, f"must be >= 1, got {c[key]}")
     for key in ("checkpoint_every_steps", "eval_every_steps", "max_checkpoints_to_keep"):
@@ -131,7 +132,7 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
         raise ConfigError(f"config.model: {err}") from None
     _check(not c.init_upcycle or model.num_hidden_layers % 2 == 0, "init_upcycle",
            f"model.num_hidden_layers={model.num_hidden_layers} is not twice a source depth")
-    if check_inputs and c.init_from:
+    if check_inputs and c.init_from and not resuming:
         _check_init_from(c.init_from, model.replace(num_hidden_layers=model.num_hidden_layers // 2)
                          if c.init_upcycle else model)
     objective = _objective(c, check_inputs)

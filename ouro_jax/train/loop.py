@@ -82,7 +82,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_chang
     `config.ConfigError` / `run.RunError` (one line). Raises `Interrupted` after a signal-triggered save
     and `TrainingDiverged` on a non-finite loss (the last good checkpoint is kept).
     """
-    resolved = config_lib.validate(config)
+    resolved = config_lib.validate(config, resuming=run.latest_step(workdir) is not None)
     run.check_resume(workdir, config, allow_change=allow_config_change)
     with _locked(workdir, config, allow_config_change):
         mesh = sharding.make_mesh(resolved.mesh)
