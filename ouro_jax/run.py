@@ -334,6 +334,9 @@ class Checkpointer:
     def __init__(self, run_dir: str | os.PathLike, *, max_to_keep: int | None, async_save: bool = True,
                  items: tuple[str, ...] = ITEMS):
         self.directory = checkpoint_dir(run_dir)
+        step = latest_step(run_dir)
+        if step is not None:  # refuse before Orbax starts its background threads (clean exit on error)
+            self._check_process_count(step)
         self.manager = ocp.CheckpointManager(
             self.directory, item_names=items,
             options=ocp.CheckpointManagerOptions(
