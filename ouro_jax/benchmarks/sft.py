@@ -67,7 +67,7 @@ def sft_vs_pretraining(*, steps: int, batch: int, seq_len: int, shape: str = "cp
             config = _config(kind, steps=steps, batch=batch, seq_len=seq_len, shape=shape,
                              text_file=text_file)
             loop.train(config, f"{tmp}/{kind}")
-            records = [json.loads(line) for line in open(f"{tmp}/{kind}/{run.METRICS}")]
+            records = map(json.loads, (Path(tmp) / kind / run.METRICS).read_text().splitlines())
             speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r and r["step"] > 2]
             trained = _trained_fraction(config, batches=min(steps, 8))
             tokens_per_s = statistics.median(speeds)

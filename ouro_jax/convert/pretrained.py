@@ -160,11 +160,15 @@ def check_source(path: str | os.PathLike, model: OuroConfig) -> run.Location:
     else:
         run.checkpoint_step_dir(path)  # raises when the run has no complete checkpoint
         source = run.model_config(location.root)
+    _check_architecture(path, source, model)
+    return location
+
+
+def _check_architecture(path: str | os.PathLike, source: OuroConfig, model: OuroConfig) -> None:
     differ = [f"{name}={getattr(source, name)!r} (config.model: {getattr(model, name)!r})"
               for name in FUNCTION_FIELDS if getattr(source, name) != getattr(model, name)]
     if differ:
         raise CheckpointError(f"{path}: another architecture than config.model: " + ", ".join(differ))
-    return location
 
 
 def hf_params(path: str | os.PathLike, model: OuroConfig, abstract_params) -> dict:
@@ -172,11 +176,12 @@ def hf_params(path: str | os.PathLike, model: OuroConfig, abstract_params) -> di
     shapes, dtypes and shardings (training's `init_from`: each tensor goes straight to its shards).
 
     Raises CheckpointError when `path` is not an Ouro directory, its tensors do not match its
-    config.json, or its architecture differs from `model` (`check_source`).
+    config.json, or its architecture differs from `model` (FUNCTION_FIELDS).
     """
-    directory = check_source(path, model).root
+    directory = Path(path).absolute()
     config = _hf_config(directory, run.read_json(directory / "config.json", CheckpointError),
                         {"dtype": model.dtype, "param_dtype": model.param_dtype})
+    _check_architecture(path, config, model)
     with contextlib.ExitStack() as stack:
         return _fill(jax.tree.map(lambda x: x, abstract_params), _hf_arrays(directory, config, stack))
 
