@@ -8,8 +8,8 @@ Variants:
   e1     E1 (not run yet): `demo`'s RL from a Stage I addition run, 300 steps; the comparison is the same
          wall-clock of continued supervised training (`python -m ouro_jax.train --config=configs/demo.py`
          with data.source=addition and --config.init_from the same run).
-  e2     E2 (not run yet): mixed 1-3-hop p-hop from a Stage I run; needs exit_policy "sample" and
-         rl.depth_cost > 0, which wait for the decoder's sampled exits (validate refuses them today).
+  e2     E2: mixed 1-3-hop p-hop from a Stage I run (`--config.init_from=RUN`), sampled exits with a
+         depth cost (reward - 0.05 x mean loops per token): the gate learns when to stop.
 """
 
 import ml_collections

@@ -1,5 +1,5 @@
-"""Test setup: 8 fake CPU devices before JAX is imported, one XLA compilation cache per test run, absl
-flags marked parsed (grain workers)."""
+"""Test setup: 8 fake CPU devices before JAX is imported, XLA's CPU backend at optimisation level 0, one
+XLA compilation cache per test run, absl flags marked parsed (grain workers)."""
 
 import os
 import re
@@ -8,8 +8,13 @@ import tempfile
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 _DEVICES = "--xla_force_host_platform_device_count"  # set exactly once, also in xdist workers
-_OTHER_FLAGS = re.sub(_DEVICES + r"=\d+", "", os.environ.get("XLA_FLAGS", ""))
-os.environ["XLA_FLAGS"] = f"{_OTHER_FLAGS} {_DEVICES}=8".strip()
+# The suite compiles hundreds of small programs that each run a few steps: without LLVM's optimisations
+# XLA compiles them in about two thirds of the time (tests/test_compaction.py: 118 s -> 79 s). The few
+# commands that train for hundreds of steps run optimised again (`util.optimized_env`).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+_OTHER_FLAGS = re.sub(_DEVICES + r"=\d+|--xla_backend_optimization_level=\d+", "",
+                      os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = f"{_OTHER_FLAGS} {_DEVICES}=8 {FAST_COMPILE}".strip()
 
 # The xdist workers (which inherit this environment) and every process a test starts share one persistent
 # compilation cache, every program in it: the suite compiles the same small programs in many tests and

@@ -17,7 +17,8 @@ def model():
 
 def run(engine, requests, arrive_at=None):
     """Drive `engine` until idle; request j (prompt, SamplingParams) is added before step arrive_at[j]
-    (default 0). Returns, per request, its events as (tokens, exit_loops, logprobs, finish_reason)."""
+    (default 0). Returns, per request, its events as (tokens, exit_loops, logprobs, finish_reason,
+    exit_logprobs)."""
     arrive_at = arrive_at or [0] * len(requests)
     ids, events, steps = {}, {}, 0
     while len(ids) < len(requests) or engine.has_work():
@@ -29,20 +30,23 @@ def run(engine, requests, arrive_at=None):
         steps += 1
         assert steps < 200
     return [(np.array([e.token for e in events[j]]), np.array([e.exit_loop for e in events[j]]),
-             np.array([e.logprob for e in events[j]], np.float32), events[j][-1].finish_reason)
+             np.array([e.logprob for e in events[j]], np.float32), events[j][-1].finish_reason,
+             np.array([e.exit_logprob for e in events[j]], np.float32))
             for j in range(len(requests))]
 
 
 def assert_matches_generate(model, got, max_tokens, settings, rows=(0, 1, 2)):
     """Request j (prompt ROWS[rows[j]]) has `generate`'s tokens and exit loops for its prompt (the first
-    max_tokens[j] of them) and its log-probabilities to float32 rounding."""
+    max_tokens[j] of them) and its token and exit log-probabilities to float32 rounding."""
     ids, lengths = left_pad(ROWS)
     out = generate(model, ids, max(max_tokens), prompt_lengths=lengths, **settings)
-    for j, (b, (tokens, exit_loops, logprobs, reason)) in enumerate(zip(rows, got, strict=True)):
+    for j, (b, record) in enumerate(zip(rows, got, strict=True)):
+        tokens, exit_loops, logprobs, reason, exit_logprobs = record
         m = max_tokens[j]
         np.testing.assert_array_equal(tokens, out.tokens[b, :m])
         np.testing.assert_array_equal(exit_loops, out.exit_loops[b, :m])
         np.testing.assert_allclose(logprobs, out.logprobs[b, :m], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(exit_logprobs, out.exit_logprobs[b, :m], atol=1e-5, rtol=0)
         assert reason == "length"
 
 
@@ -54,6 +58,7 @@ SETTINGS = [
     pytest.param(dict(exit_policy="hidden_delta_relative", hidden_delta_eps=0.9, kv_sharing="average"),
                  marks=pytest.mark.slow),
     pytest.param(dict(), marks=pytest.mark.slow),  # full depth
+    pytest.param(dict(exit_policy="sample", temperature=0.8), marks=pytest.mark.slow),  # drawn exits
 ]
 
 
@@ -63,10 +68,13 @@ def test_engine_tokens_equal_generate(model, settings):
     """Ragged prompts, different max_tokens, 2 slots for 3 requests: the third arrives while the others
     decode and takes the slot the first frees."""
     max_tokens = [3, NEW, NEW]
+    settings = dict(settings)
+    temperature = settings.pop("temperature", 0.0)  # a request's setting (seed 0, as generate's default)
     engine = Engine(model, max_slots=2, max_context=24, **settings)
-    got = run(engine, [(row, SamplingParams(max_tokens=m)) for row, m in zip(ROWS, max_tokens, strict=True)],
-              arrive_at=[0, 0, 2])
-    assert len({x for _, loops, _, _ in got for x in loops.tolist()}) > 1 or not settings
+    got = run(engine, [(row, SamplingParams(max_tokens=m, temperature=temperature, seed=0))
+                       for row, m in zip(ROWS, max_tokens, strict=True)], arrive_at=[0, 0, 2])
+    assert len({x for _, loops, *_ in got for x in loops.tolist()}) > 1 or not settings
+    settings = {**settings, "temperature": temperature}
     assert_matches_generate(model, got, max_tokens, settings)
 
 
@@ -100,9 +108,9 @@ def test_logprobs_equal_a_float64_recomputation_at_the_exit_loop(model, sampling
     engine = Engine(model, max_slots=2, max_context=24, exit_threshold=Q, skipped_kv="compute")
     got = run(engine, [(row, SamplingParams(max_tokens=NEW, seed=b, **sampling))
                        for b, row in enumerate(ROWS)])
-    tokens = np.stack([t for t, _, _, _ in got])
+    tokens = np.stack([t for t, *_ in got])
     for b, reference in enumerate(_full_forward_logits(model, tokens)):
-        _, exit_loops, logprobs, _ = got[b]
+        _, exit_loops, logprobs, *_ = got[b]
         assert logprobs.dtype == np.float32
         expected = [_logprob64(reference[i, exit_loops[i] - 1], tokens[b, i], **sampling) for i in range(NEW)]
         np.testing.assert_allclose(logprobs, expected, atol=2e-5, rtol=0)

@@ -20,6 +20,8 @@ from ouro_jax.data import build_eval_batches
 from ouro_jax.data.tasks import TASKS
 from ouro_jax.experiments import plan, suite, summary
 
+import util
+
 TINY = {"data.batch_size": 16, "eval_every_steps": 0, "checkpoint_every_steps": 0,
         "model.intermediate_size": 32, "model.hidden_size": 32, "model.head_dim": 8}
 
@@ -196,9 +198,9 @@ def test_measured_figures_match_a_direct_recomputation(killed_suite):
 # the command ------------------------------------------------------------------------------------------
 
 
-def cli(*args, cwd):
+def cli(*args, cwd, env=None):
     return subprocess.run([sys.executable, "-m", "ouro_jax.experiments", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
+                          text=True, cwd=cwd, timeout=600, env=env)
 
 
 @pytest.mark.slow
@@ -318,7 +320,7 @@ SMOKE_SUITE = ["--task=phop", "--task_settings=p=2", "--seq_len=16", "--models=1
 def test_smoke_suite_looped_block_beats_the_one_layer_model(tmp_path):
     """2-hop induction, the demo's width: the block looped 3 times answers far better than the same block
     run once (measured 79-80 % vs 50-52 % on seeds 0 and 1, about 50 s of training on one core)."""
-    proc = cli(*SMOKE_SUITE, f"--output_dir={tmp_path}", cwd=tmp_path)
+    proc = cli(*SMOKE_SUITE, f"--output_dir={tmp_path}", cwd=tmp_path, env=util.optimized_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(open(os.path.join(tmp_path, "results.json")).read())["phop/compare"]["data"]
     once, looped = data["1x1/ouro"]["answer_accuracy"]["0"], data["1x3/ouro"]["answer_accuracy"]["0"]

@@ -134,6 +134,49 @@ def test_logprobs_equal_a_float64_recomputation_at_the_exit_loop(model, batch, s
     assert (out.logprobs <= 0).all()
 
 
+def _log_exit_pdf64(gate_logits) -> np.ndarray:
+    """log p(t) over the last axis of gate logits [..., T] in float64: p(t) = lambda_t S_{t-1}, the last
+    loop the remaining survival S_{T-1} (written here from the definition, not from `exits`)."""
+    g = np.asarray(gate_logits, np.float64)
+    log_lam, log_stay = -np.logaddexp(0, -g), -np.logaddexp(0, g)
+    before = np.concatenate([np.zeros_like(g[..., :1]), np.cumsum(log_stay, -1)[..., :-1]], -1)
+    return before + np.concatenate([log_lam[..., :-1], np.zeros_like(g[..., :1])], -1)
+
+
+def test_sampled_exits_follow_the_exit_pdf():
+    """exit_policy "sample": the first token's exit (every loop of the prompt's last position ran) is a
+    draw from the exit pdf of an uncached forward's gates, recorded with its float64-exact log-probability;
+    the draws come from a key stream of their own (greedy and sampled tokens get the same exits)."""
+    model = Ouro(tiny(), rngs=nnx.Rngs(0))  # an unscaled gate: a spread exit pdf
+    rows = 512
+    ids = np.asarray([ROWS[1]] * rows)
+    settings = dict(exit_policy="sample", seed=np.arange(rows), compact_rows=False)  # M = 1: the prefill
+    out = generate(model, ids, 1, temperature=1.0, **settings)
+    _, gates = _forward(model, jnp.asarray(ids[:1]))
+    log_pdf = _log_exit_pdf64(np.asarray(gates)[:, 0, -1])
+    pdf = np.exp(log_pdf)
+    assert pdf.max() < 0.7  # several loops are likely, so the histogram tests the draw
+    counts = np.bincount(out.exit_loops[:, 0] - 1, minlength=pdf.size)
+    np.testing.assert_array_less(np.abs(counts - rows * pdf), 4.5 * np.sqrt(rows * pdf * (1 - pdf)) + 1)
+    np.testing.assert_allclose(out.exit_logprobs[:, 0], log_pdf[out.exit_loops[:, 0] - 1], atol=1e-5,
+                               rtol=0)
+    greedy = generate(model, ids, 1, **settings)
+    np.testing.assert_array_equal(greedy.exit_loops[:, 0], out.exit_loops[:, 0])
+
+
+@pytest.mark.slow
+def test_exit_logprobs_equal_a_float64_recomputation(model, batch):
+    """Every token's recorded exit log-probability, sampled exits and Q-exit, is log p(exit loop) of the
+    gates of an uncached forward (skipped_kv "compute": the cache holds exact K/V), in float64."""
+    ids, lengths = batch
+    for kwargs in (dict(exit_policy="sample", seed=[3, 4, 5], temperature=0.8), dict(exit_threshold=Q)):
+        out = generate(model, ids, NEW, prompt_lengths=lengths, skipped_kv="compute", **kwargs)
+        assert out.exit_logprobs.dtype == np.float32 and len(set(out.exit_loops.ravel().tolist())) > 1
+        for b, (_, gates) in enumerate(_full_forward(model, out.tokens)):
+            expected = np.take_along_axis(_log_exit_pdf64(gates), out.exit_loops[b][:, None] - 1, 1)[:, 0]
+            np.testing.assert_allclose(out.exit_logprobs[b], expected, atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_exit_at_loop_uses_loop_k_and_computes_no_further(model, batch, k):
     ids, lengths = batch
@@ -193,6 +236,7 @@ def test_kv_sharing_with_one_loop_equals_no_sharing(batch):
     dict(exit_threshold=Q, kv_sharing="last"),
     dict(temperature=0.8, top_k=20, top_p=0.9, seed=7, exit_policy="hidden_delta_relative",
          hidden_delta_eps=0.9, kv_sharing="average"),
+    dict(exit_policy="sample", temperature=0.8, seed=7),
 ])
 @pytest.mark.slow
 def test_ragged_batch_equals_each_row_alone(model, batch, kwargs):
@@ -279,7 +323,9 @@ def test_invalid_arguments_raise(model, batch):
                    dict(kv_sharing="first"), dict(exit_at_loop=2, exit_threshold=0.5),
                    dict(top_p=0.0, temperature=1.0),
                    dict(prompt_lengths=[0, 1, 2]), dict(exit_policy="entropy"), dict(skipped_kv="zero"),
-                   dict(exit_policy="hidden_delta", exit_threshold=0.5)):
+                   dict(exit_policy="hidden_delta", exit_threshold=0.5),
+                   dict(exit_policy="sample", exit_threshold=0.5),
+                   dict(exit_policy="sample", exit_at_loop=2)):
         with pytest.raises(ValueError):
             generate(model, ids, NEW, **{"prompt_lengths": lengths, **kwargs})
 

@@ -21,16 +21,19 @@ def model():
     return sharp_model()
 
 
-def _check_replay(model, rows, q, kv_sharing, skipped_kv):
-    ids, lengths, out = rollout(model, rows, NEW, TEMPERATURE, 0, exit_threshold=q, kv_sharing=kv_sharing,
-                                skipped_kv=skipped_kv)
+def _check_replay(model, rows, exit_kwargs, kv_sharing, skipped_kv):
+    """Replayed token and exit log-probs equal the rollout's record; a fixed-depth trainer's do not.
+    exit_kwargs: Q-exit (exit_threshold=q) or sampled exits (exit_policy="sample")."""
+    ids, lengths, out = rollout(model, rows, NEW, TEMPERATURE, 0, kv_sharing=kv_sharing,
+                                skipped_kv=skipped_kv, **exit_kwargs)
     assert (out.exit_loops[0] == 0).any()  # the first row stopped: its tail is masked, not replayed
-    recorded = replay.rollout_logprobs(out, TEMPERATURE)
+    recorded = out.logprobs
     cols = replay.columns(ids, lengths, out.tokens, out.exit_loops, model.config.total_ut_steps)
     replayed = replay.replay_jit(model, cols, ids.shape[1], TEMPERATURE, skipped_kv=skipped_kv,
                                  kv_sharing=kv_sharing)
     mask = out.exit_loops > 0
     np.testing.assert_array_less(np.abs(np.asarray(replayed.logprobs) - recorded)[mask], TOL)
+    np.testing.assert_array_less(np.abs(np.asarray(replayed.exit_logprobs) - out.exit_logprobs)[mask], TOL)
     # A fixed-depth trainer (last loop, as ouro_rl trains) scores the same tokens very differently.
     last, mixture = replay.fixed_depth_logprobs(model, cols, ids.shape[1], TEMPERATURE)
     assert np.abs(np.asarray(last) - recorded)[mask].max() > 100 * TOL
@@ -40,17 +43,17 @@ def _check_replay(model, rows, q, kv_sharing, skipped_kv):
 
 @pytest.mark.slow
 def test_replay_equals_rollout_project_batch5_ragged(model):
-    assert len(_check_replay(model, RAGGED, 0.5, "none", "project")) >= 2  # Q-exit depths vary
+    assert len(_check_replay(model, RAGGED, dict(exit_threshold=0.5), "none", "project")) >= 2  # depths vary
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("kv_sharing,skipped_kv", SETTINGS)
 def test_replay_equals_rollout(model, kv_sharing, skipped_kv, batch):
-    depths = set()
-    for q in (0.3, 0.7):
-        depths |= _check_replay(model, RAGGED[1:2] if batch == 1 else RAGGED, q, kv_sharing, skipped_kv)
-    assert len(depths) >= 2  # Q-exit depths vary
+    depths, rows = set(), RAGGED[1:2] if batch == 1 else RAGGED
+    for exit_kwargs in (dict(exit_threshold=0.3), dict(exit_policy="sample")):
+        depths |= _check_replay(model, rows, exit_kwargs, kv_sharing, skipped_kv)
+    assert len(depths) >= 2  # the exits vary
 
 
 @pytest.mark.slow
@@ -58,11 +61,10 @@ def test_replay_fixed_depth_exit_at_loop(model):
     """`exit_at_loop=k` runs k loops (the cache holds only those): replayed with num_loops=k."""
     ids, lengths = left_pad(RAGGED)
     out = generate(model, ids, NEW, prompt_lengths=lengths, exit_at_loop=2, temperature=TEMPERATURE,
-                   seed=list(range(5)), output_loop_logits=True)
+                   seed=list(range(5)))
     cols = replay.columns(ids, lengths, out.tokens, out.exit_loops, 2)
     replayed = replay.replay_jit(model, cols, ids.shape[1], TEMPERATURE, skipped_kv="compute", num_loops=2)
-    np.testing.assert_array_less(np.abs(np.asarray(replayed.logprobs) - replay.rollout_logprobs(
-        out, TEMPERATURE)), TOL)
+    np.testing.assert_array_less(np.abs(np.asarray(replayed.logprobs) - out.logprobs), TOL)
 
 
 def test_columns_layout():

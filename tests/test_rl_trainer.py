@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 
 from ouro_jax.rl import trainer
+
+from util import run_until
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
 
@@ -29,6 +32,15 @@ def first_token_is_two(generated, answer):
     return float(generated[0] == 2)
 
 
+TIMING = ("rollout_s", "update_s", "rollout_tokens_per_s")  # wall-clock dependent
+
+
+def _records(workdir):
+    """metrics.jsonl without its wall-clock fields."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+
+
 def _config(**rl):
     c = _rl_configs().get_config("tiny")
     c.rl.update(rl)
@@ -39,7 +51,8 @@ def _config(**rl):
     ("loss", "ppo", "config.rl.loss"),
     ("group_size", 1, "config.rl.group_size"),
     ("temperature", 0.0, "config.rl.temperature"),
-    ("exit_policy", "sample", "config.rl.exit_policy"),
+    ("exit_policy", "adaptive", "config.rl.exit_policy"),
+    ("depth_cost", 0.1, "config.rl.depth_cost"),  # the depth is replayed under Q-exit, not trained
     ("skipped_kv", "zero", "config.rl.skipped_kv"),
     ("reward", "no_such", "reward"),
 ])
@@ -59,28 +72,47 @@ def test_cli_bad_config_one_line(tmp_path):
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-def _records(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.mark.slow
-def test_reward_rises_and_resume_is_bit_identical(tmp_path):
-    c = _config(reward="test_rl_trainer:first_token_is_two", prompts_per_step=4, group_size=8)
+def test_reward_rises_depth_falls_and_resume_is_bit_identical(tmp_path):
+    """Sampled exits with a depth cost: the task reward rises, the loops per token fall (the exit
+    log-probs carry the gradient to the gate), the replay is exact for tokens and exits; a run resumed
+    from its step-6 checkpoint reruns steps 7..12 bit-identically (the sampler's exits included)."""
+    c = _config(reward="test_rl_trainer:first_token_is_two", prompts_per_step=4, group_size=8,
+                exit_policy="sample", depth_cost=0.3)
     c.total_steps, c.checkpoint_every_steps, c.eval_every_steps = 12, 6, 0
     c.optimizer.learning_rate = 1e-2
     full = str(tmp_path / "full")
     trainer.train(c, full)
-    rewards = [r["reward_mean"] for r in _records(full)]
-    assert np.mean(rewards[-3:]) > np.mean(rewards[:3]) + 0.2, rewards
-    assert all(r["mismatch_max"] < 1e-5 for r in _records(full))  # the replay is exact
-    # Resume: the same run directory with only the step-6 checkpoint kept reruns steps 7..12.
+    records = _records(full)
+    first, last = lambda key: np.mean([r[key] for r in records[:3]]), lambda key: np.mean(
+        [r[key] for r in records[-3:]])
+    assert last("reward_mean") > first("reward_mean") + 0.2, records
+    assert last("mean_loops") < first("mean_loops") - 0.3, records
+    assert all(r["mismatch_max"] < 1e-5 and r["exit_mismatch_max"] < 1e-5 for r in records)
     resumed = str(tmp_path / "resumed")
     shutil.copytree(full, resumed)
     shutil.rmtree(os.path.join(resumed, "checkpoints", "12"))
     trainer.train(c, resumed)
-    timing = ("rollout_s", "update_s", "rollout_tokens_per_s")
-    strip = lambda records: [{k: v for k, v in r.items() if k not in timing} for r in records]
-    assert strip(_records(resumed)) == strip(_records(full))
+    assert _records(resumed) == records
     with open(os.path.join(full, "summary.json")) as f, open(os.path.join(resumed, "summary.json")) as g:
         assert json.load(f) == json.load(g)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_give_bit_identical_records(tmp_path):
+    """`python -m ouro_jax.rl` (Q-exit rollouts) far longer than the test: killed past step 4, resumed,
+    stopped by SIGTERM a few steps later (exit 75); an uninterrupted run agrees on every common record."""
+    def cli(workdir):
+        return [sys.executable, "-m", "ouro_jax.rl", "--config=configs/rl.py:tiny", f"--workdir={workdir}",
+                "--config.total_steps=100000", "--config.checkpoint_every_steps=2",
+                "--config.eval_every_steps=0"]
+
+    killed = str(tmp_path / "killed")
+    code, killed_at = run_until(cli(killed), killed, 4, signal.SIGKILL)
+    assert code == -signal.SIGKILL and killed_at >= 4
+    assert run_until(cli(killed), killed, killed_at + 3, signal.SIGTERM)[0] == 75
+    resumed = _records(killed)
+    assert [r["step"] for r in resumed] == list(range(1, len(resumed) + 1))
+    uninterrupted = str(tmp_path / "uninterrupted")
+    assert run_until(cli(uninterrupted), uninterrupted, len(resumed), signal.SIGTERM)[0] == 75
+    assert _records(uninterrupted)[:len(resumed)] == resumed

@@ -26,6 +26,8 @@ from ouro_jax.train import optimizer as optim
 from ouro_jax.train import program as program_lib
 from ouro_jax.train.step import TrainState
 
+from util import run_until
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A small p-hop run: CLI flags and the same values for in-process configs.
 SMALL = {
@@ -114,21 +116,6 @@ def test_same_seed_gives_identical_metrics_and_rerun_is_a_no_op(tmp_path_factory
     assert records(workdir) == reference
 
 
-def _run_until(args, workdir, lines, sig):
-    """Start a training command, send it `sig` once its metrics.jsonl holds at least `lines` lines, wait;
-    returns (exit code, lines written). The run must be long enough never to finish first."""
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    count = lambda: sum(1 for _ in open(metrics)) if os.path.exists(metrics) else 0
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and count() < lines:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before its signal"
-    proc.send_signal(sig)
-    proc.wait(timeout=120)
-    return proc.returncode, count()
-
-
 @pytest.mark.slow
 def test_sigkill_and_restart_gives_bit_identical_metrics(tmp_path):
     # A run far longer than the test: killed past step 10, resumed, stopped (SIGTERM) a few steps past the
@@ -136,13 +123,13 @@ def test_sigkill_and_restart_gives_bit_identical_metrics(tmp_path):
     # is "at least n records", so no machine is too fast for it.
     steps = {"total_steps": 100_000, "checkpoint_every_steps": 3, "eval_every_steps": 10}
     killed = str(tmp_path / "b")
-    code, killed_at = _run_until(cli(killed, **steps), killed, 10, signal.SIGKILL)
+    code, killed_at = run_until(cli(killed, **steps), killed, 10, signal.SIGKILL)
     assert code == -signal.SIGKILL and killed_at >= 10
-    assert _run_until(cli(killed, **steps), killed, killed_at + 5, signal.SIGTERM)[0] == 75
+    assert run_until(cli(killed, **steps), killed, killed_at + 5, signal.SIGTERM)[0] == 75
     resumed = records(killed)
     assert len(resumed) >= killed_at + 5 and run.latest_step(killed) >= resumed[-1]["step"]
     uninterrupted = str(tmp_path / "a")
-    assert _run_until(cli(uninterrupted, **steps), uninterrupted, len(resumed), signal.SIGTERM)[0] == 75
+    assert run_until(cli(uninterrupted, **steps), uninterrupted, len(resumed), signal.SIGTERM)[0] == 75
     assert records(uninterrupted)[:len(resumed)] == resumed
 
 

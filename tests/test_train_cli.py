@@ -15,6 +15,8 @@ import pytest
 from ouro_jax import run
 from ouro_jax.train import loop, recipes
 
+from util import optimized_env
+
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {
     "total_steps": 6, "log_every_steps": 1, "eval_every_steps": 0, "checkpoint_every_steps": 3,
@@ -31,9 +33,9 @@ def train_args(workdir, *extra, config="configs/demo.py", **overrides):
             *flags, *extra]
 
 
-def run_cli(args, cwd=REPO):
+def run_cli(args, cwd=REPO, env=None):
     return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                          env={**(env or os.environ), "JAX_PLATFORMS": "cpu"})
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -135,18 +137,19 @@ def test_a_second_training_is_refused_and_a_stale_lock_taken_over(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_saves_and_the_rerun_continues_exactly(tmp_path):
-    steps = {"total_steps": 200, "checkpoint_every_steps": 0, "eval_every_steps": 100}
+    steps = {"total_steps": 120, "checkpoint_every_steps": 0, "eval_every_steps": 60}
+    env = optimized_env()  # 240 steps of training
     reference = tmp_path / "reference"
-    done = run_cli(train_args(reference, **steps))
+    done = run_cli(train_args(reference, **steps), env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     evals = [r for r in records(reference) if "eval_loss_loop_1" in r]
-    assert [r["step"] for r in evals] == [100, 200]
+    assert [r["step"] for r in evals] == [60, 120]
     for r in evals:  # each evaluation is printed as it happens
         accuracy = "  ".join(f"loop {t}: {100 * r[f'eval_answer_accuracy_loop_{t}']:.1f}%" for t in (1, 2))
         assert f"held-out answer accuracy (step {r['step']}) per loop: {accuracy}\n" in done.stderr
     workdir = tmp_path / "interrupted"
     proc = subprocess.Popen(train_args(workdir, **steps), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 240
     while time.time() < deadline and not (
             (workdir / "metrics.jsonl").exists() and len(records(workdir)) >= 5):
@@ -156,9 +159,9 @@ def test_ctrl_c_saves_and_the_rerun_continues_exactly(tmp_path):
     assert proc.returncode == 75, err[-2000:]  # saved; "rerun me"
     assert "Traceback" not in err and "stopped: SIGINT: saved step" in err
     saved = run.latest_step(workdir)
-    assert saved is not None and 5 <= saved < 200
+    assert saved is not None and 5 <= saved < 120
     assert out.strip().startswith(f"step {records(workdir)[-1]['step']}: loss ")
-    rerun = run_cli(train_args(workdir, **steps))
+    rerun = run_cli(train_args(workdir, **steps), env=env)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resumed from step {saved}" in rerun.stderr
     assert records(workdir) == records(reference)

@@ -1,9 +1,17 @@
-"""Helpers shared by the tests: NNX state -> HF-named NumPy dict, and an unrolled Python forward."""
+"""Helpers shared by the tests: NNX state -> HF-named NumPy dict, an unrolled Python forward, a command
+run until its metrics.jsonl reaches a length, then signalled, and the environment of a long command."""
+
+import os
+import re
+import subprocess
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def hf_state_dict(model) -> dict[str, np.ndarray]:
@@ -90,3 +98,24 @@ def exported_gated_model(directory, *, vocab_size, context, tokenizer):
     kernel[...] = 4.0 * jax.random.normal(jax.random.key(2), kernel.shape) / np.sqrt(32)
     return str(save_pretrained(model, directory, dtype="float32", tokenizer=tokenizer))
 
+
+def optimized_env(**extra: str) -> dict[str, str]:
+    """os.environ for a command that trains for hundreds of steps: XLA's CPU backend optimised (the suite
+    compiles at level 0, conftest.py), so that its steps run at full speed."""
+    flags = re.sub(r"--xla_backend_optimization_level=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    return {**os.environ, "XLA_FLAGS": flags.strip(), **extra}
+
+
+def run_until(args, workdir, lines, sig):
+    """Start a training command, send it `sig` once its metrics.jsonl holds at least `lines` lines, wait;
+    returns (exit code, lines written). The run must be long enough never to finish first."""
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    count = lambda: sum(1 for _ in open(metrics)) if os.path.exists(metrics) else 0
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and count() < lines:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before its signal"
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    return proc.returncode, count()

@@ -141,7 +141,7 @@ class HFStaticBatches:
                                             max_new_tokens=m, min_new_tokens=m, do_sample=False,
                                             pad_token_id=0, exit_threshold=self.exit_threshold)
         new = out[:, ids.shape[1]:].numpy()
-        return [TokenEvent(rid, int(new[row, i]), float("nan"), self.num_loops,
+        return [TokenEvent(rid, int(new[row, i]), float("nan"), self.num_loops, float("nan"),
                            "length" if i == n - 1 else None)
                 for row, (rid, _, n) in enumerate(batch) for i in range(n)]
 

@@ -31,7 +31,7 @@ from ouro_jax.inference.policies import ExitPolicy
 from ouro_jax.inference.sampling import row_keys
 from ouro_jax.inference.step import SKIPPED_KV, DecodeSpec, DecodeState, Knobs
 
-EXIT_POLICIES = ("gate", "hidden_delta", "hidden_delta_relative")
+EXIT_POLICIES = ("gate", "sample", "hidden_delta", "hidden_delta_relative")
 DEFAULT_SKIPPED_KV = "project"  # why: the `generate` docstring
 DEFAULT_COMPACT_ROWS = True  # why: the `generate` docstring
 
@@ -74,7 +74,10 @@ class GenerateOutput:
     the distribution it was sampled from: greedy, log_softmax of its exit loop's logits; sampling, the
     temperature-scaled distribution AFTER the top-k / top-p truncation, renormalised (the sampler's own
     distribution, so exp(logprob) is the probability the token was drawn with; `sampling.sample`); 0
-    after a row's stop token; loop_logits [B, M, T, V] float32 every loop's logits of each
+    after a row's stop token; exit_logprobs [B, M] float32 the log-probability of each token's exit loop
+    under the gate's exit distribution p(t) over the loops that may run (`exits.log_exit_pdf`): the
+    probability that exit policy "sample" draws it (0 after a row's stop token); loop_logits [B, M, T, V]
+    float32 every loop's logits of each
     token, loop t at index t - 1 (skipped loops repeat the exit loop's), only with
     `output_loop_logits=True`; cache: the final `KVCache` (on device)."""
 
@@ -82,6 +85,7 @@ class GenerateOutput:
     exit_loops: np.ndarray
     lengths: np.ndarray
     logprobs: np.ndarray
+    exit_logprobs: np.ndarray
     stats: GenerateStats
     cache: KVCache
     loop_logits: np.ndarray | None = None
@@ -204,11 +208,16 @@ def exit_settings(num_loops, exit_threshold, exit_at_loop, exit_policy, hidden_d
         raise ValueError(f"exit_policy={exit_policy!r} must be one of {EXIT_POLICIES}")
     if exit_at_loop is not None:
         if exit_threshold is not None or exit_policy != "gate":
-            raise ValueError("exit_at_loop fixes the depth: do not combine it with exit_threshold or a "
-                             "hidden_delta exit_policy")
+            raise ValueError("exit_at_loop fixes the depth: do not combine it with exit_threshold or "
+                             f"exit_policy={exit_policy!r}")
         if not 1 <= exit_at_loop <= num_loops:
             raise ValueError(f"exit_at_loop={exit_at_loop} must lie in [1, {num_loops}]")
         return ExitPolicy("fixed", exit_at_loop), 0.0
+    if exit_policy == "sample":
+        if exit_threshold is not None:
+            raise ValueError("exit_policy='sample' draws each exit from the gate's distribution: do not "
+                             "give exit_threshold")
+        return ExitPolicy("sample", num_loops), 0.0
     if exit_policy != "gate":
         if exit_threshold is not None:
             raise ValueError(f"exit_threshold is the gate's q; exit_policy={exit_policy!r} uses "
@@ -279,7 +288,8 @@ def _output(state: DecodeState, spec: DecodeSpec, prefill_s: float, decode_s: fl
         cache_bytes=state.cache.nbytes())
     loop_logits = None if state.loop_logits is None else np.asarray(state.loop_logits).transpose(2, 0, 1, 3)
     return GenerateOutput(tokens=tokens, exit_loops=exit_loops, lengths=generated.sum(1).astype(np.int32),
-                          logprobs=np.asarray(state.logprobs), stats=stats, cache=state.cache,
+                          logprobs=np.asarray(state.logprobs), exit_logprobs=np.asarray(state.exit_logprobs),
+                          stats=stats, cache=state.cache,
                           loop_logits=loop_logits)
 
 
@@ -316,7 +326,9 @@ def generate(
       exit_threshold: Q-exit q in [0, 1] on the gate's CDF (exit_policy "gate"); None: full depth.
       exit_at_loop: k in 1..T: every token runs loops 1..k and uses loop k's logits; loops after k are
         never computed.
-      exit_policy: "gate" (Q-exit), "hidden_delta" (the paper's rule, §5.4.1: exit once
+      exit_policy: "gate" (Q-exit), "sample" (each token's exit loop drawn from the gate's exit
+        distribution, with a key stream of its own from `seed`; `GenerateOutput.exit_logprobs` holds
+        each draw's log-probability; no exit_threshold), "hidden_delta" (the paper's rule, §5.4.1: exit once
         ||h_t - h_{t-1}||_2 < hidden_delta_eps, from loop 2 on; h_t is the normed state, so eps is in
         units of ||h||, about sqrt(D) for unit RMS) or "hidden_delta_relative" (exit once
         ||h_t - h_{t-1}||_2 < hidden_delta_eps * ||h_{t-1}||_2); see `policies.py`.

@@ -65,7 +65,8 @@ class SamplingParams:
 
 @dataclasses.dataclass(frozen=True)
 class TokenEvent:
-    """A generated token: its float32 log-probability (`SamplingParams` docstring), its exit loop (1..T)
+    """A generated token: its float32 log-probability (`SamplingParams` docstring), its exit loop (1..T),
+    that loop's float32 log-probability under the gate's exit distribution (`GenerateOutput.exit_logprobs`)
     and finish_reason (None while running, "stop" at a stop token or string, "length" at max_tokens or
     the context's end)."""
 
@@ -73,6 +74,7 @@ class TokenEvent:
     token: int
     logprob: float
     exit_loop: int
+    exit_logprob: float
     finish_reason: str | None
 
 
@@ -98,10 +100,11 @@ class SlotState:
 def _insert(graphdef, spec: DecodeSpec, params, state: SlotState, slot, ids, length, key, temperature,
             top_p, top_k, threshold):
     """Prefill one prompt ids [1, L] (left-padded, `length` real tokens) into `slot`; its first token.
-    Returns (state, token, logprob, exit loop index)."""
+    Returns (state, token, logprob, exit loop index, exit logprob)."""
     model = nnx.merge(graphdef, params)
     ks, vs, last, gates = step_lib.prompt_loops(model, ids, length[None], spec.policy.num_loops)
-    exit_index = spec.policy.first_exit(last, gates, threshold[None])
+    exit_index, exit_logprob = step_lib.first_token_exit(
+        spec.policy, last, gates, step_lib.exit_threshold(spec.policy, threshold[None], key[None], 0))
     logits = model.logits(select_loop(last, exit_index)[:, None])[:, 0]
     token, logprob = sample_rows(logits, key[None], jnp.zeros((1,), jnp.int32), temperature[None],
                                  top_k[None], top_p[None])
@@ -118,15 +121,17 @@ def _insert(graphdef, spec: DecodeSpec, params, state: SlotState, slot, ids, len
         temperature=row(state.temperature, temperature), top_p=row(state.top_p, top_p),
         top_k=row(state.top_k, top_k), threshold=row(state.threshold, threshold),
         active=row(state.active, True))
-    return state, token[0], logprob[0], exit_index[0]
+    return state, token[0], logprob[0], exit_index[0], exit_logprob[0]
 
 
 def _decode_step(graphdef, spec: DecodeSpec, params, state: SlotState):
     """One token for every active slot, each at its own position.
-    Returns (state, tokens [S], logprobs [S], exit loop indices [S] (-1 for inactive slots))."""
+    Returns (state, tokens [S], logprobs [S], exit loop indices [S] (-1 for inactive slots), exit
+    logprobs [S])."""
     model = nnx.merge(graphdef, params)
     inputs = TokenInputs.at(model, step_lib.fused_layers(model), state.cache, state.lengths, state.decoded)
-    out = step_lib.decode_token(inputs, spec, state.token[:, None], ~state.active, state.threshold)
+    threshold = step_lib.exit_threshold(spec.policy, state.threshold, state.keys, state.decoded + 1)
+    out = step_lib.decode_token(inputs, spec, state.token[:, None], ~state.active, threshold)
     token, logprob = sample_rows(out.logits, state.keys, state.decoded + 1, state.temperature, state.top_k,
                                  state.top_p)
     exit_index = jnp.where(state.active, out.exit_index, -1)
@@ -134,7 +139,7 @@ def _decode_step(graphdef, spec: DecodeSpec, params, state: SlotState):
                               out.v, exit_index)
     state = state.replace(cache=cache, token=jnp.where(state.active, token, state.token),
                           decoded=state.decoded + state.active)
-    return state, token, logprob, exit_index
+    return state, token, logprob, exit_index, out.exit_logprob
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -230,8 +235,8 @@ class Engine:
             raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, 0 <= top_k <= {vocab}; got "
                              f"{params.temperature}, {params.top_p}, {params.top_k}")
         if params.exit_threshold is not None:
-            if self.spec.policy.kind == "fixed":
-                raise ValueError("exit_threshold: this engine runs a fixed depth (exit_at_loop)")
+            if self.spec.policy.kind in ("fixed", "sample"):
+                raise ValueError(f"exit_threshold: this engine's exits are {self.spec.policy.kind!r}")
             if self.spec.policy.kind == "gate" and not 0 <= params.exit_threshold <= 1:
                 raise ValueError(f"exit_threshold={params.exit_threshold} must lie in [0, 1]")
         if params.stop and self.tokenizer is None:
@@ -266,11 +271,11 @@ class Engine:
         running = [s for s, r in enumerate(self._slots) if r is not None]
         if not running:
             return events
-        self._state, tokens, logprobs, exit_index = _decode_jit(self._graphdef, self.spec, self._params,
-                                                                 self._state)
-        tokens, logprobs, exit_index = (np.asarray(x) for x in (tokens, logprobs, exit_index))
+        self._state, *outputs = _decode_jit(self._graphdef, self.spec, self._params, self._state)
+        tokens, logprobs, exit_index, exit_logprobs = (np.asarray(x) for x in outputs)
         for slot in running:
-            events.append(self._emit(slot, int(tokens[slot]), float(logprobs[slot]), int(exit_index[slot])))
+            events.append(self._emit(slot, int(tokens[slot]), logprobs[slot], int(exit_index[slot]),
+                                     exit_logprobs[slot]))
         return events
 
     def _admit(self, slot: int, request: _Request) -> TokenEvent:
@@ -281,13 +286,13 @@ class Engine:
         seed = request.request_id if p.seed is None else p.seed
         threshold = self.default_threshold if p.exit_threshold is None else p.exit_threshold
         self._slots[slot] = request
-        self._state, token, logprob, exit_index = _insert_jit(
+        self._state, token, logprob, exit_index, exit_logprob = _insert_jit(
             self._graphdef, self.spec, self._params, self._state, jnp.int32(slot), jnp.asarray(ids),
             jnp.int32(length), jax.random.key(np.uint32(seed)), jnp.float32(p.temperature),
             jnp.float32(p.top_p), jnp.int32(p.top_k), jnp.float32(threshold))
-        return self._emit(slot, int(token), float(logprob), int(exit_index))
+        return self._emit(slot, int(token), logprob, int(exit_index), exit_logprob)
 
-    def _emit(self, slot: int, token: int, logprob: float, exit_index: int) -> TokenEvent:
+    def _emit(self, slot: int, token: int, logprob, exit_index: int, exit_logprob) -> TokenEvent:
         """Record a slot's new token; free the slot when its request finished."""
         request = self._slots[slot]
         request.generated.append(token)
@@ -299,7 +304,8 @@ class Engine:
             reason = "length"
         if reason is not None:
             self._free(slot)
-        return TokenEvent(request.request_id, token, np.float32(logprob).item(), exit_index + 1, reason)
+        return TokenEvent(request.request_id, token, np.float32(logprob).item(), exit_index + 1,
+                          np.float32(exit_logprob).item(), reason)
 
     def _stop_string(self, request: _Request) -> bool:
         text = self.tokenizer.decode(request.generated)

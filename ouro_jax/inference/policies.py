@@ -6,6 +6,9 @@
   "gate"          Q-exit: CDF(t) >= q on the survival S_t = prod_{j<=t} (1 - lambda_j),
                   lambda_j = sigmoid(gate_j), tested by `exits.cdf_reaches` as in `exits.q_exit_loop`,
                   so q = 1 never exits before the last loop and q = 0 always exits after loop 1;
+  "sample"        the exit loop drawn from the gate's exit distribution p(t) (the one Stage I trains):
+                  Q-exit with a fresh q = u ~ U[0, 1) per token and row (`sampling.exit_uniforms`), since
+                  P(CDF(t-1) < u <= CDF(t)) = p(t); the threshold argument is then that [B] array;
   "hidden_delta"  training-free, the paper's form: t >= 1 and ||h_t - h_{t-1}||_2 < eps, with h_t the
                   normed state after loop index t (loop 1 has no previous loop state and never exits
                   this way); eps is in the units of ||h|| (about sqrt(D) for a state of unit RMS);
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 
 from ouro_jax.model import exits
 
-KINDS = ("fixed", "gate", "hidden_delta", "hidden_delta_relative")
+KINDS = ("fixed", "gate", "sample", "hidden_delta", "hidden_delta_relative")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +53,7 @@ class ExitPolicy:
         log_survival = log_survival + jax.nn.log_sigmoid(-gate_logit.astype(jnp.float32))
         hidden = hidden.astype(jnp.float32)
         exit_now = jnp.asarray(loop) == self.num_loops - 1
-        if self.kind == "gate":
+        if self.kind in ("gate", "sample"):
             exit_now = exit_now | exits.cdf_reaches(log_survival, threshold)
         elif self.kind.startswith("hidden_delta"):
             change = jnp.linalg.norm(hidden - previous, axis=-1)
@@ -59,11 +62,21 @@ class ExitPolicy:
             exit_now = exit_now | ((loop > 0) & (change < threshold))
         return jnp.broadcast_to(exit_now, gate_logit.shape), (log_survival, hidden)
 
+    def exit_logprob(self, state, loop: int, gate_logit: jax.Array) -> jax.Array:
+        """log p(loop) under the gate's exit distribution over this policy's num_loops loops (`exits`
+        module: the last loop takes the remaining survival), from the state BEFORE loop index `loop`
+        (0-based) and that loop's gate_logit [B] -> [B] float32."""
+        log_survival = state[0]
+        if loop == self.num_loops - 1:
+            return log_survival
+        return log_survival + jax.nn.log_sigmoid(gate_logit.astype(jnp.float32))
+
     def first_exit(self, hidden: jax.Array, gate_logits: jax.Array, threshold: jax.Array) -> jax.Array:
         """Exit loop index (0-based) of a token whose every loop was computed (the prompt's last position).
 
         hidden [T, B, D] normed states, gate_logits [T, B] -> [B] int32, the first loop whose `update`
-        exits (the loop input is not needed: loop 1 never compares with it).
+        exits (the loop input is not needed: loop 1 never compares with it). Its log-probability under
+        the gate's distribution is `exits.log_exit_pdf(gate_logits)` at that loop.
         """
         state = self.init(hidden[0])
         exited = jnp.zeros(gate_logits.shape[1:], jnp.bool_)

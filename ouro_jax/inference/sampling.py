@@ -3,12 +3,24 @@
 Randomness is per row: row b draws its i-th generated token (i = 0..M-1) with the key
 fold_in(key(seed_b), i). A row's samples therefore depend only on its own seed, prompt and position,
 never on the batch it is in, so a ragged batch samples exactly what each row samples alone.
+Sampled exits (exit policy "sample") draw from a separate stream of the same row key,
+fold_in(fold_in(key(seed_b), EXIT_STREAM), i): the exit draws never shift the tokens' keys.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+EXIT_STREAM = 0x65786974  # "exit": the fold_in of the row key that the exit draws come from
+
+
+def exit_uniforms(keys: jax.Array, index: jax.Array) -> jax.Array:
+    """u ~ U[0, 1) float32 per row for generated token `index` (scalar or [B]): the Q-exit threshold of a
+    sampled exit (`policies.py`, "sample"). keys [B] row keys -> [B]."""
+    keys = jax.vmap(jax.random.fold_in, (0, None))(keys, EXIT_STREAM)
+    keys = jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(index, keys.shape))
+    return jax.vmap(lambda k: jax.random.uniform(k, dtype=jnp.float32))(keys)
 
 
 def row_keys(seeds: jax.Array) -> jax.Array:

@@ -19,8 +19,10 @@ outside the loops; only the layers' `attend` hook differs:
            positions, doubling, to M. A token's T loops are unrolled (each loop addresses its own cache
            slots statically; a dynamic loop index would copy the loop's whole cache slice each time).
            The exit policy (`policies.py`) picks each row's exit loop, whose state (hence logits) is
-           frozen there. What the loops after it do is `skipped_kv` (`SKIPPED_KV`, with kv_sharing
-           "none"; a fixed depth skips none of the loops it runs, so it runs as "compute"):
+           frozen there (policy "sample" draws it: `exit_threshold`), and gives its log-probability
+           under the gate's exit distribution. What the loops after it do is `skipped_kv`
+           (`SKIPPED_KV`, with kv_sharing "none"; a fixed depth skips none of the loops it runs, so it
+           runs as "compute"):
              compute  every loop runs for every row, so every (loop, layer) slot holds real K/V: the
                       released code's semantics, no compute saved;
              project  loop index t > 0 runs under `lax.cond` only while some unfinished row has not
@@ -50,8 +52,8 @@ from ouro_jax.inference.attention import apply_layers, cached_attention, on_rows
 from ouro_jax.inference.cache import KVCache, fill_skipped
 from ouro_jax.inference.compaction import compacted_loop, gathers, skippable_loop
 from ouro_jax.inference.policies import ExitPolicy
-from ouro_jax.inference.sampling import sample
-from ouro_jax.model.exits import select_loop
+from ouro_jax.inference.sampling import exit_uniforms, sample
+from ouro_jax.model.exits import log_exit_pdf, select_loop
 from ouro_jax.model.layers import masked_attention, rope_cos_sin
 
 SKIPPED_KV = ("compute", "project", "copy")  # the K/V of the loops a token skips (`generate`)
@@ -124,7 +126,8 @@ class DecodeState:
     index: the next token index to produce (1..M); tokens [B, M] int32 (pad after a row stopped);
     exit_index [B, M] int32 the 0-based loop index each token came from (-1 after a row stopped);
     logprobs [B, M] float32 each token's log-probability under the distribution it was sampled from
-    (`sampling.sample`; 0 after a row stopped);
+    (`sampling.sample`; 0 after a row stopped); exit_logprobs [B, M] float32 the log-probability of each
+    token's exit loop under the gate's exit distribution (0 after a row stopped);
     forced [B, M] int32 tokens fed back instead of `tokens` (teacher forcing) or None; done [B] bool;
     lengths [B] prompt lengths; keys [B] row PRNG keys; loops_run: loops the decode loop ran (scalar);
     row_loops_run: the batch rows those loops ran on, summed (scalar); loop_logits [M, T, B, V] float32
@@ -134,6 +137,7 @@ class DecodeState:
     index: jax.Array
     tokens: jax.Array
     logprobs: jax.Array
+    exit_logprobs: jax.Array
     forced: jax.Array | None
     exit_index: jax.Array
     done: jax.Array
@@ -181,6 +185,19 @@ def prompt_loops(model, input_ids, lengths, num_loops: int):
     return ks, vs, jnp.stack(last), jnp.stack(gates)
 
 
+def exit_threshold(policy: ExitPolicy, threshold, keys, index):
+    """The threshold the exit policy reads for generated token `index` (scalar or [B]): the traced knob,
+    or with policy "sample" each row's uniform draw (`sampling.exit_uniforms`, keys [B]) -> [B]."""
+    return exit_uniforms(keys, index) if policy.kind == "sample" else threshold
+
+
+def first_token_exit(policy: ExitPolicy, last, gates, threshold) -> tuple[jax.Array, jax.Array]:
+    """The exit of the token read at the prompt's last position, whose every loop ran: last [T, B, D]
+    normed states, gates [T, B] -> (exit loop index [B] int32, its log-probability [B] float32)."""
+    exit_index = policy.first_exit(last, gates, threshold)
+    return exit_index, select_loop(log_exit_pdf(gates), exit_index)
+
+
 def prefill(graphdef, spec: DecodeSpec, params, input_ids, lengths, keys, forced,
             knobs: Knobs) -> DecodeState:
     """All prompt tokens through all T loops; the first new token from the last position's exit loop."""
@@ -189,7 +206,8 @@ def prefill(graphdef, spec: DecodeSpec, params, input_ids, lengths, keys, forced
     b = input_ids.shape[0]
     num_loops, m = spec.policy.num_loops, spec.max_new_tokens
     ks, vs, last, gates = prompt_loops(model, input_ids, lengths, num_loops)
-    exit_index = spec.policy.first_exit(last, gates, knobs.threshold)
+    exit_index, exit_logprob = first_token_exit(spec.policy, last, gates,
+                                                exit_threshold(spec.policy, knobs.threshold, keys, 0))
     logits = model.logits(select_loop(last, exit_index)[:, None])[:, 0]
     token, logprob = sample(logits, keys, 0, greedy=spec.greedy, temperature=knobs.temperature,
                             top_k=spec.top_k, top_p=knobs.top_p if spec.top_p else None)
@@ -200,7 +218,8 @@ def prefill(graphdef, spec: DecodeSpec, params, input_ids, lengths, keys, forced
     return DecodeState(
         index=jnp.int32(1),
         tokens=jnp.full((b, m), spec.pad_id, jnp.int32).at[:, 0].set(token),
-        logprobs=jnp.zeros((b, m), jnp.float32).at[:, 0].set(logprob), forced=forced,
+        logprobs=jnp.zeros((b, m), jnp.float32).at[:, 0].set(logprob),
+        exit_logprobs=jnp.zeros((b, m), jnp.float32).at[:, 0].set(exit_logprob), forced=forced,
         exit_index=jnp.full((b, m), -1, jnp.int32).at[:, 0].set(exit_index),
         done=jnp.isin(token, knobs.stop_tokens),
         lengths=lengths, keys=keys, cache=KVCache.create(ks, vs, spec.cache_phases[0], spec.kv_sharing),
@@ -259,13 +278,15 @@ class TokenInputs:
 
 class LoopCarry(NamedTuple):
     """The state of a token between its loops: h [B, 1, D] the running state, h_exit [B, 1, D] each
-    row's state at its exit loop, exited [B] bool (exited or finished), exit_index [B], policy_state,
-    loops_run (scalar: loops some row ran), row_loops (scalar: the rows they ran on)."""
+    row's state at its exit loop, exited [B] bool (exited or finished), exit_index [B], exit_logprob [B]
+    the log-probability of exiting at exit_index (`ExitPolicy.exit_logprob`), policy_state, loops_run
+    (scalar: loops some row ran), row_loops (scalar: the rows they ran on)."""
 
     h: jax.Array
     h_exit: jax.Array
     exited: jax.Array
     exit_index: jax.Array
+    exit_logprob: jax.Array
     policy_state: tuple
     loops_run: jax.Array
     row_loops: jax.Array
@@ -286,11 +307,13 @@ def run_loop(inputs: TokenInputs, spec: DecodeSpec, t: int, carry: LoopCarry, th
         (h, k, v), ran = run(h), jnp.int32(h.shape[0])
     else:
         h, k, v, ran = skippable_loop(run, needed, h, kv_shape)
-    exit_now, policy_state = spec.policy.update(carry.policy_state, t, h[:, 0], model.gate_logit(h)[:, 0],
-                                                threshold)
+    gate_logit = model.gate_logit(h)[:, 0]
+    exit_logprob = spec.policy.exit_logprob(carry.policy_state, t, gate_logit)
+    exit_now, policy_state = spec.policy.update(carry.policy_state, t, h[:, 0], gate_logit, threshold)
     carry = LoopCarry(h, jnp.where(needed[:, None, None], h, carry.h_exit), carry.exited | exit_now,
-                      jnp.where(needed, t, carry.exit_index), policy_state, carry.loops_run + (ran > 0),
-                      carry.row_loops + ran)
+                      jnp.where(needed, t, carry.exit_index),
+                      jnp.where(needed, exit_logprob, carry.exit_logprob), policy_state,
+                      carry.loops_run + (ran > 0), carry.row_loops + ran)
     return carry, (k, v, model.logits(h)[:, 0] if spec.keep_loop_logits else None)
 
 
@@ -306,11 +329,13 @@ def fill_skipped_loops(inputs: TokenInputs, skipped_kv: str, k, v, h_exit, exit_
 
 
 class TokenOut(NamedTuple):
-    """One decoded token: logits [B, V] of each row's exit loop, exit_index [B], k, v [T, N, B, K, H]
-    (skipped loops filled), loops_run and row_loops (scalars), loop_logits [T, B, V] or None."""
+    """One decoded token: logits [B, V] of each row's exit loop, exit_index [B], exit_logprob [B] its
+    log-probability under the gate's exit distribution, k, v [T, N, B, K, H] (skipped loops filled),
+    loops_run and row_loops (scalars), loop_logits [T, B, V] or None."""
 
     logits: jax.Array
     exit_index: jax.Array
+    exit_logprob: jax.Array
     k: jax.Array
     v: jax.Array
     loops_run: jax.Array
@@ -319,14 +344,15 @@ class TokenOut(NamedTuple):
 
 
 def decode_token(inputs: TokenInputs, spec: DecodeSpec, tokens, done, threshold) -> TokenOut:
-    """tokens [B, 1] (fed back) through their adaptive recurrence; rows `done` [B] run no loop.
+    """tokens [B, 1] (fed back) through their adaptive recurrence; rows `done` [B] run no loop; threshold:
+    the exit policy's, scalar or [B] (`exit_threshold`).
 
     The T loops are unrolled (each reads its own cache slots); each row's exit state is frozen at its
     exit loop (`run_loop`); the state h of a row that does not run a loop is don't-care after its exit.
     """
     x = inputs.model.embed(tokens)
-    carry = LoopCarry(x, x, done, jnp.zeros(done.shape, jnp.int32), spec.policy.init(x[:, 0]),
-                      jnp.int32(0), jnp.int32(0))
+    carry = LoopCarry(x, x, done, jnp.zeros(done.shape, jnp.int32), jnp.zeros(done.shape, jnp.float32),
+                      spec.policy.init(x[:, 0]), jnp.int32(0), jnp.int32(0))
     outputs = []
     for t in range(spec.policy.num_loops):
         carry, out = run_loop(inputs, spec, t, carry, threshold)
@@ -336,8 +362,8 @@ def decode_token(inputs: TokenInputs, spec: DecodeSpec, tokens, done, threshold)
     k, v = fill_skipped_loops(inputs, spec.skipped_kv, k, v, carry.h_exit, carry.exit_index)
     if loop_logits is not None and spec.skipped_kv != "compute":
         loop_logits = fill_skipped(loop_logits, carry.exit_index, 1)
-    return TokenOut(inputs.model.logits(carry.h_exit)[:, 0], carry.exit_index, k, v, carry.loops_run,
-                    carry.row_loops, loop_logits)
+    return TokenOut(inputs.model.logits(carry.h_exit)[:, 0], carry.exit_index, carry.exit_logprob, k, v,
+                    carry.loops_run, carry.row_loops, loop_logits)
 
 
 # --- the decode loop -------------------------------------------------------------------------------
@@ -352,7 +378,8 @@ def decode_loop(graphdef, spec: DecodeSpec, params, state: DecodeState, knobs: K
         tokens = jax.lax.dynamic_index_in_dim(fed, position, axis=1, keepdims=True)  # [B, 1]
         inputs = TokenInputs.at(model, layers, s.cache, s.lengths,
                                 jnp.broadcast_to(position, s.lengths.shape))
-        out = decode_token(inputs, spec, tokens, s.done, knobs.threshold)
+        out = decode_token(inputs, spec, tokens, s.done,
+                           exit_threshold(spec.policy, knobs.threshold, s.keys, s.index))
         token, logprob = sample(out.logits, s.keys, s.index, greedy=spec.greedy,
                                 temperature=knobs.temperature, top_k=spec.top_k,
                                 top_p=knobs.top_p if spec.top_p else None)
@@ -364,6 +391,7 @@ def decode_loop(graphdef, spec: DecodeSpec, params, state: DecodeState, knobs: K
             index=s.index + 1,
             tokens=s.tokens.at[:, s.index].set(token),
             logprobs=s.logprobs.at[:, s.index].set(jnp.where(s.done, 0.0, logprob)),
+            exit_logprobs=s.exit_logprobs.at[:, s.index].set(jnp.where(s.done, 0.0, out.exit_logprob)),
             exit_index=s.exit_index.at[:, s.index].set(exit_index),
             done=s.done | jnp.isin(token, knobs.stop_tokens),
             cache=s.cache.write(position, out.k, out.v, exit_index),

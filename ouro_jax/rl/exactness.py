@@ -3,7 +3,7 @@
 For every decode setting (kv_sharing "none" with skipped_kv compute / copy / project; kv_sharing "last"
 and "average"), Q-exit thresholds q and batch sizes it samples rollouts with `generate` (`rollout`:
 ragged prompts, the first row stopping halfway), replays them (`replay.replay_jit`) and compares each
-token's log-prob with the sampler's record (`replay.rollout_logprobs`): max |Δ| over generated tokens.
+token's log-prob with the sampler's record (`GenerateOutput.logprobs`): max |Δ| over generated tokens.
 Beside it: how many exits would flip if the trainer recomputed them from the replayed gates instead of
 replaying them, and the mismatch a fixed-depth trainer would see on the same tokens (last loop; the
 exit-pdf mixture), max and mean |Δ|.
@@ -49,13 +49,13 @@ def rollout(model, rows, new_tokens: int, temperature: float, seed: int, **kwarg
     """Sampled rollouts of `rows` where the first row stops in its second half: a first `generate` picks
     that row's first token from new_tokens // 2 on that it had not generated before as the stop token of
     the second (same seeds, so the same tokens up to the stop; the stop set is traced, so no
-    recompilation) -> (input_ids, prompt_lengths, GenerateOutput with loop_logits)."""
+    recompilation) -> (input_ids, prompt_lengths, GenerateOutput)."""
     from ouro_jax.inference import generate, left_pad
 
     ids, lengths = left_pad(rows)
     run = lambda stop: generate(model, ids, new_tokens, prompt_lengths=lengths, temperature=temperature,
                                 seed=list(range(seed, seed + len(rows))), stop_tokens=stop,
-                                output_loop_logits=True, **kwargs)
+                                **kwargs)
     first = run(()).tokens[0].tolist()
     half = new_tokens // 2
     return ids, lengths, run([t for t in first[half:] if t not in first[:half]][:1])
@@ -71,7 +71,7 @@ def measure(model, rows, new_tokens: int, q: float, kv_sharing: str, skipped_kv:
 
     ids, lengths, out = rollout(model, rows, new_tokens, temperature, seed, exit_threshold=q,
                                 kv_sharing=kv_sharing, skipped_kv=skipped_kv)
-    recorded = replay.rollout_logprobs(out, temperature)
+    recorded = out.logprobs
     t = model.config.total_ut_steps
     cols = replay.columns(ids, lengths, out.tokens, out.exit_loops, t)
     replayed = replay.replay_jit(model, cols, ids.shape[1], temperature, skipped_kv=skipped_kv,

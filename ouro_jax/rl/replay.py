@@ -270,19 +270,3 @@ def fixed_depth_logprobs(model, cols: Columns, prompt_width: int, temperature,
                  skipped_kv="compute", num_loops=num_loops)
     mixture = jax.nn.logsumexp(exits.log_exit_pdf(out.gate_logits) + out.loop_logprobs, axis=0)
     return out.logprobs, mixture
-
-
-def rollout_logprobs(out, temperature: float) -> np.ndarray:
-    """The sampler's record of each generated token's log-prob [B, M] float32 (0 where the row had
-    stopped): `GenerateOutput.logprobs` when the decoder provides it, else log softmax(z^(e) / tau)[y]
-    from its per-loop logits (`generate(..., output_loop_logits=True)`) at the token's exit loop e.
-    Greedy rollouts (temperature 0) are scored at tau = 1."""
-    recorded = getattr(out, "logprobs", None)
-    if recorded is not None:
-        return np.asarray(recorded, np.float32)
-    if out.loop_logits is None:
-        raise ValueError("the rollout kept neither logprobs nor loop_logits (output_loop_logits=True)")
-    at_exit = np.take_along_axis(out.loop_logits, np.maximum(out.exit_loops - 1, 0)[:, :, None, None], 2)
-    logprobs = np.asarray(token_logprobs(jnp.asarray(at_exit[:, :, 0]), jnp.asarray(out.tokens),
-                                         temperature or 1.0))
-    return np.where(out.exit_loops > 0, logprobs, 0.0).astype(np.float32)

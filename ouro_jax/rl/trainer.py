@@ -3,8 +3,11 @@
 Each step: P prompts of the task's training stream (examples step * P .. step * P + P - 1, a pure function
 of the step, so resuming needs no data-iterator state) -> G rollouts each with `generate` on the current
 parameters (colocated: no weight copy, no staleness), per-row sampler seeds drawn from (seed, step) ->
-rewards -> group advantages, zero-variance groups dropped -> one jitted update whose log-probs come from
-the exit replay (`replay.replay`) under the rollouts' recorded exits -> metrics. The run directory, lock,
+rewards (minus `rl.depth_cost` x mean loops) -> group advantages, zero-variance groups dropped -> one
+jitted update whose log-probs come from the exit replay (`replay.replay`) under the rollouts' recorded
+exits -> metrics. Each token's depth is Q-exit's or full depth (replayed, not trained) or, with
+`rl.exit_policy="sample"`, drawn from the gate's exit distribution: then (exit, token) is the action and
+the exit's log-prob enters the loss, so the gate learns the depth. The run directory, lock,
 config record and TensorBoard / metrics.jsonl are those of `python -m ouro_jax.train` (`ouro_jax.run`,
 `train.metrics`); SIGTERM / SIGINT save at the step boundary and raise `loop.Interrupted`; rerunning the
 command resumes from the latest checkpoint (params, optimiser state, step) and continues bit-identically.
@@ -33,6 +36,7 @@ from flax import nnx
 from ouro_jax import run
 from ouro_jax.data.tasks import TASKS
 from ouro_jax.inference import generate, left_pad
+from ouro_jax.model import exits
 from ouro_jax.model.config import OuroConfig
 from ouro_jax.model.ouro import Ouro
 from ouro_jax.rl import losses, replay, rewards
@@ -41,6 +45,9 @@ from ouro_jax.train.loop import Interrupted, TrainingDiverged
 from ouro_jax.train.optimizer import make_optimizer
 
 TRAIN_STREAM, HELD_OUT_STREAM = 0, 1
+# how rollouts pick each token's depth: Q-exit at rl.exit_threshold (replayed, not trained), all loops,
+# or drawn from the gate's exit distribution (the depth is an action: its log-prob enters the loss)
+EXIT_POLICIES = ("q_exit", "full", "sample")
 
 
 class ConfigError(ValueError):
@@ -60,9 +67,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(rl.prompts_per_step >= 1 and rl.group_size >= 2, "rl.group_size",
            "need prompts_per_step >= 1 and group_size >= 2 (a group baseline needs two samples)")
     _check(rl.temperature > 0, "rl.temperature", "must be > 0 (on-policy sampling)")
-    _check(rl.exit_policy in ("q_exit", "full"), "rl.exit_policy",
-           "must be 'q_exit' or 'full' ('sample' needs the decoder to sample exits and record "
-           "exit_logprobs: not yet)")
+    _check(rl.exit_policy in EXIT_POLICIES, "rl.exit_policy", f"must be one of {EXIT_POLICIES}")
     _check(0.0 <= rl.exit_threshold <= 1.0, "rl.exit_threshold", "must lie in [0, 1]")
     _check(rl.skipped_kv in replay.SKIPPED_KV, "rl.skipped_kv", f"must be one of {replay.SKIPPED_KV}")
     _check(rl.kv_sharing in replay.SHARING, "rl.kv_sharing", f"must be one of {replay.SHARING}")
@@ -71,8 +76,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(rl.aggregation in losses.AGGREGATIONS, "rl.aggregation", f"must be one of {losses.AGGREGATIONS}")
     _check(rl.credit in losses.CREDITS, "rl.credit", f"must be one of {losses.CREDITS}")
     _check(rl.kl_coef >= 0, "rl.kl_coef", "must be >= 0")
-    _check(rl.depth_cost == 0, "rl.depth_cost", "needs exit_policy 'sample' (depth is replayed, not "
-           "trained, under Q-exit): not yet")
+    _check(rl.depth_cost >= 0, "rl.depth_cost", "must be >= 0")
+    _check(rl.depth_cost == 0 or rl.exit_policy == "sample", "rl.depth_cost",
+           "needs rl.exit_policy 'sample' (under Q-exit or full depth the depth is replayed, not trained)")
     _check(c.eval_prompts >= 1, "eval_prompts", "must be >= 1")
     rewards.get(rl.reward)
 
@@ -97,14 +103,15 @@ def prompts(task, start: int, count: int) -> tuple[list[list[int]], list[list[in
 
 def _generate(model, c, rows, seeds, temperature):
     """Rollouts of `rows` (token lists) -> (input_ids [R, data.seq_len] left-padded, prompt_lengths,
-    GenerateOutput with loop logits)."""
+    GenerateOutput)."""
     ids, lengths = left_pad(rows)
     ids = np.pad(ids, ((0, 0), (c.data.seq_len - ids.shape[1], 0)))  # one width: one compilation
     rl = c.rl
     out = generate(model, ids, _answer_length(c), prompt_lengths=lengths,
                    exit_threshold=rl.exit_threshold if rl.exit_policy == "q_exit" else None,
+                   exit_policy="sample" if rl.exit_policy == "sample" else "gate",
                    skipped_kv=rl.skipped_kv, kv_sharing=rl.kv_sharing, temperature=temperature,
-                   seed=seeds, output_loop_logits=True)
+                   seed=seeds)
     return ids, lengths, out
 
 
@@ -113,7 +120,8 @@ def _answer_length(c) -> int:
 
 
 def evaluate(model, c) -> dict[str, float]:
-    """Greedy held-out exact match and mean loops per token under the run's exit policy."""
+    """Greedy held-out exact match and mean loops per token under the run's exit policy (sampled exits
+    drawn with seed 0)."""
     rows, answers = prompts(_task(c, HELD_OUT_STREAM), 0, c.eval_prompts)
     _, _, out = _generate(model, c, rows, 0, 0.0)
     correct = [rewards.exact_match(t.tolist(), a) for t, a in zip(out.tokens, answers, strict=True)]
@@ -121,28 +129,39 @@ def evaluate(model, c) -> dict[str, float]:
 
 
 def _update_fn(graphdef, c, prompt_width: int, tx):
-    """The jitted update: (params, opt_state, ref_params, cols, old_logp, advantage, mask, generated)
-    -> (params, opt_state, metrics). mask [B, M]: the tokens in the loss; generated: every token."""
+    """The jitted update: (params, opt_state, ref_params, cols, old_logp, old_exit_logp, advantage, mask,
+    generated) -> (params, opt_state, metrics). old_logp, old_exit_logp [B, M]: the sampler's record of
+    each token's and its exit's log-prob; mask [B, M]: the tokens in the loss; generated: every token.
+    With sampled exits a token's action is (exit loop, token): its log-prob is the sum of the two."""
     rl = c.rl
+    sampled_exits = rl.exit_policy == "sample"
 
     def policy_logp(out: replay.Replayed, exit_index):
-        if rl.credit == "exit":
-            return out.logprobs
-        return losses.loop_credit(out.loop_logprobs, exit_index, rl.credit, out.gate_logits)
+        logp = out.logprobs if rl.credit == "exit" else losses.loop_credit(out.loop_logprobs, exit_index,
+                                                                            rl.credit, out.gate_logits)
+        return logp + out.exit_logprobs if sampled_exits else logp
 
-    def loss_fn(params, ref_params, cols, old_logp, advantage, mask, generated):
+    def loss_fn(params, ref_params, cols, old_logp, old_exit_logp, advantage, mask, generated):
         settings = dict(skipped_kv=rl.skipped_kv, kv_sharing=rl.kv_sharing)
         out = replay.replay(nnx.merge(graphdef, params), cols, prompt_width, rl.temperature, **settings)
         exit_index = replay.generated(cols.exit_index, prompt_width)
         logp = policy_logp(out, exit_index)
         # per-loop credit is an on-policy surrogate (RLTT): its ratio is 1 by construction
-        old = old_logp if rl.credit == "exit" else jax.lax.stop_gradient(logp)
+        if rl.credit != "exit":
+            old = jax.lax.stop_gradient(logp)
+        else:
+            old = old_logp + old_exit_logp if sampled_exits else old_logp
         loss, stats = losses.policy_loss(logp, old, advantage, mask, kind=rl.loss, eps_low=rl.eps_low,
                                          eps_high=rl.eps_high, cispo_max=rl.cispo_max, how=rl.aggregation)
         # sampler vs trainer over every generated token (zero-variance groups included)
+        count = jnp.maximum(jnp.sum(generated), 1.0)
         gap = jnp.abs(out.logprobs - old_logp) * generated
         stats["mismatch_max"] = jnp.max(gap)
-        stats["mismatch_mean"] = jnp.sum(gap) / jnp.maximum(jnp.sum(generated), 1.0)
+        stats["mismatch_mean"] = jnp.sum(gap) / count
+        if sampled_exits:
+            exit_gap = jnp.abs(out.exit_logprobs - old_exit_logp) * generated
+            stats["exit_mismatch_max"] = jnp.max(exit_gap)
+            stats["exit_entropy"] = jnp.sum(exits.exit_entropy(out.gate_logits) * generated) / count
         if rl.kl_coef > 0:
             ref = replay.replay(nnx.merge(graphdef, ref_params), cols, prompt_width, rl.temperature,
                                 **settings)
@@ -154,11 +173,11 @@ def _update_fn(graphdef, c, prompt_width: int, tx):
         return loss, stats
 
     @jax.jit
-    def update(params, opt_state, ref_params, cols, old_logp, advantage, mask, generated):
-        grads, stats = jax.grad(loss_fn, has_aux=True)(params, ref_params, cols, old_logp, advantage, mask,
-                                                       generated)
+    def update(params, opt_state, ref_params, cols, old_logp, old_exit_logp, advantage, mask, generated):
+        grads, stats = jax.grad(loss_fn, has_aux=True)(params, ref_params, cols, old_logp, old_exit_logp,
+                                                       advantage, mask, generated)
         updates, opt_state = tx.update(grads, opt_state, params)
-        stats["grad_norm"] = optax.global_norm(grads)
+        stats["grad_norm"] = optax.tree.norm(grads)
         return optax.apply_updates(params, updates), opt_state, stats
 
     return update
@@ -171,7 +190,8 @@ def _seeds(c, step: int, rows: int) -> list[int]:
 
 
 def rl_step(c, graphdef, params, opt_state, ref_params, update, step: int):
-    """One step: rollouts, rewards, advantages, update -> (params, opt_state, metrics dict)."""
+    """One step: rollouts, rewards (minus rl.depth_cost x each rollout's mean loops per token),
+    advantages, update -> (params, opt_state, metrics dict)."""
     rl = c.rl
     p, g = rl.prompts_per_step, rl.group_size
     rows, answers = prompts(_task(c, TRAIN_STREAM), step * p, p)
@@ -180,24 +200,25 @@ def rl_step(c, graphdef, params, opt_state, ref_params, update, step: int):
                                   _seeds(c, step, p * g), rl.temperature)
     rollout_s = time.perf_counter() - start
     reward_fn = rewards.get(rl.reward)
-    r = np.array([reward_fn(t.tolist(), answers[i // g]) for i, t in enumerate(out.tokens)]).reshape(p, g)
-    flat = jnp.asarray(r, jnp.float32)
-    keep = ~np.asarray(losses.zero_variance(flat))
-    advantage = np.asarray(losses.advantages(flat, rl.std)).reshape(-1)
-    mask = (out.exit_loops > 0) & np.repeat(keep, g)[:, None]
-    old_logp = replay.rollout_logprobs(out, rl.temperature)
+    r = np.array([reward_fn(t.tolist(), answers[i // g]) for i, t in enumerate(out.tokens)], np.float32)
+    generated = out.exit_loops > 0
+    shaped = losses.depth_cost(jnp.asarray(r), jnp.asarray(out.exit_loops, jnp.float32),
+                               jnp.asarray(generated, jnp.float32), rl.depth_cost).reshape(p, g)
+    keep = ~np.asarray(losses.zero_variance(shaped))
+    advantage = np.asarray(losses.advantages(shaped, rl.std)).reshape(-1)
+    mask = generated & np.repeat(keep, g)[:, None]
     cols = replay.columns(ids, lengths, out.tokens, out.exit_loops, nnx.merge(graphdef, params).config
                           .total_ut_steps)
     start = time.perf_counter()
-    generated = out.exit_loops > 0
-    params, opt_state, stats = update(params, opt_state, ref_params, cols, jnp.asarray(old_logp),
-                                      jnp.asarray(advantage, jnp.float32), jnp.asarray(mask, jnp.float32),
-                                      jnp.asarray(generated, jnp.float32))
+    params, opt_state, stats = update(params, opt_state, ref_params, cols, jnp.asarray(out.logprobs),
+                                      jnp.asarray(out.exit_logprobs), jnp.asarray(advantage, jnp.float32),
+                                      jnp.asarray(mask, jnp.float32), jnp.asarray(generated, jnp.float32))
     stats = {k: float(v) for k, v in jax.device_get(stats).items()}
     update_s = time.perf_counter() - start
     correct = [rewards.exact_match(t.tolist(), answers[i // g]) for i, t in enumerate(out.tokens)]
     return params, opt_state, {
         **stats, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
+        "shaped_reward_mean": float(shaped.mean()),
         "accuracy": float(np.mean(correct)), "mean_loops": float(out.exit_loops[generated].mean()),
         "zero_variance_fraction": float(1.0 - keep.mean()),
         "rollout_tokens_per_s": float(generated.sum() / rollout_s), "rollout_s": rollout_s,

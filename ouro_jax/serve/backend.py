@@ -174,7 +174,7 @@ class StaticBatchBackend:
 
         def on_token(index, tokens, exit_loops, done):
             del index, done
-            self._events.put([(rid, int(tokens[slot]), float("nan"), int(exit_loops[slot]))
+            self._events.put([(rid, int(tokens[slot]), float("nan"), int(exit_loops[slot]), float("nan"))
                               for rid, slot in slots.items() if exit_loops[slot] > 0])
 
         def run():
@@ -191,10 +191,10 @@ class StaticBatchBackend:
         self._worker.start()
 
     def _admit(self, chunk) -> list[TokenEvent]:
-        """Raw (request id, token, logprob, exit loop) tuples -> the events of requests still running, with
-        their finish reasons (stop token, stop string, max_tokens)."""
+        """Raw (request id, token, logprob, exit loop, exit logprob) tuples -> the events of requests still
+        running, with their finish reasons (stop token, stop string, max_tokens)."""
         events = []
-        for rid, token, logprob, exit_loop in chunk:
+        for rid, token, logprob, exit_loop, exit_logprob in chunk:
             request = self._running.get(rid)
             if request is None or request.done:
                 continue
@@ -207,7 +207,7 @@ class StaticBatchBackend:
             elif len(request.tokens) >= request.params.max_tokens:
                 finish = "length"
             request.done = finish is not None
-            events.append(TokenEvent(rid, token, logprob, exit_loop, finish))
+            events.append(TokenEvent(rid, token, logprob, exit_loop, exit_logprob, finish))
         return events
 
     def _hits_stop(self, request: _Request) -> bool:
@@ -221,11 +221,12 @@ def _check_threshold(q: float | None) -> None:
 
 
 def _logprob_events(out, slots: dict[int, int]) -> list[tuple]:
-    """(request id, token, logprob, exit loop) of every generated token of a finished batch, with
-    `GenerateOutput.logprobs` (float32, under the distribution each token was sampled from)."""
+    """(request id, token, logprob, exit loop, exit logprob) of every generated token of a finished batch,
+    from `GenerateOutput` (float32 log-probabilities)."""
     events = []
     for rid, slot in slots.items():
         n = int(out.lengths[slot])
-        events += [(rid, int(t), float(lp), int(e)) for t, lp, e in
-                   zip(out.tokens[slot, :n], out.logprobs[slot, :n], out.exit_loops[slot, :n], strict=True)]
+        events += [(rid, int(t), float(lp), int(e), float(elp)) for t, lp, e, elp in
+                   zip(out.tokens[slot, :n], out.logprobs[slot, :n], out.exit_loops[slot, :n],
+                       out.exit_logprobs[slot, :n], strict=True)]
     return events
