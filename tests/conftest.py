@@ -1,10 +1,13 @@
 """Test setup: 8 fake CPU devices before JAX is imported, XLA's CPU backend at optimisation level 0, one
 XLA compilation cache per test run, absl flags marked parsed (grain workers)."""
 
+import gc
 import os
 import re
 import shutil
 import tempfile
+
+import pytest
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 _DEVICES = "--xla_force_host_platform_device_count"  # set exactly once, also in xdist workers
@@ -34,6 +37,23 @@ def pytest_configure(config):
                       float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 1)))
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test file. A pytest-xdist worker runs half the suite in one
+    process, and XLA keeps each compiled CPU program's code mapped: after some hundreds of programs the
+    process reaches the kernel's vm.max_map_count (65530 here) and XLA crashes inside a compile (seen as
+    SIGABRT and SIGSEGV in late files). Programs a later file needs again come from the persistent
+    compilation cache."""
+    yield
+    import jax
+
+    from ouro_jax.inference import step
+
+    step.clear_compiled()
+    jax.clear_caches()
+    gc.collect()
 
 
 def pytest_unconfigure(config):

@@ -61,6 +61,20 @@ def test_bad_configs_are_refused(key, value, message):
         trainer.validate(_config(**{key: value}))
 
 
+def test_demo_trains_a_base_on_its_own_task():
+    """`demo` trains a Stage I base when no init_from is given: the demo recipe on the RL run's mixed p-hop
+    task (its vocabulary: 4 symbols + 3 hop-count tokens); base_steps on another task is refused."""
+    c = _rl_configs().get_config("demo")
+    trainer.validate(c)
+    base = trainer.base_config(c)
+    assert base.total_steps == c.base_steps > 0 and base.model.vocab_size == 7
+    assert base.data.source == "phop" and base.data.phop.p_min == 1 and base.seed == c.seed
+    addition = _rl_configs().get_config("tiny")
+    addition.base_steps = 10
+    with pytest.raises(ValueError, match=r"config\.base_steps"):
+        trainer.validate(addition)
+
+
 @pytest.mark.slow
 def test_cli_bad_config_one_line(tmp_path):
     proc = subprocess.run(

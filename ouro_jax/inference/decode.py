@@ -77,9 +77,8 @@ class GenerateOutput:
     after a row's stop token; exit_logprobs [B, M] float32 the log-probability of each token's exit loop
     under the gate's exit distribution p(t) over the loops that may run (`exits.log_exit_pdf`): the
     probability that exit policy "sample" draws it (0 after a row's stop token); loop_logits [B, M, T, V]
-    float32 every loop's logits of each
-    token, loop t at index t - 1 (skipped loops repeat the exit loop's), only with
-    `output_loop_logits=True`; cache: the final `KVCache` (on device)."""
+    float32 every loop's logits of each token, loop t at index t - 1 (skipped loops repeat the exit
+    loop's), only with `output_loop_logits=True`; cache: the final `KVCache` (on device)."""
 
     tokens: np.ndarray
     exit_loops: np.ndarray
@@ -289,8 +288,7 @@ def _output(state: DecodeState, spec: DecodeSpec, prefill_s: float, decode_s: fl
     loop_logits = None if state.loop_logits is None else np.asarray(state.loop_logits).transpose(2, 0, 1, 3)
     return GenerateOutput(tokens=tokens, exit_loops=exit_loops, lengths=generated.sum(1).astype(np.int32),
                           logprobs=np.asarray(state.logprobs), exit_logprobs=np.asarray(state.exit_logprobs),
-                          stats=stats, cache=state.cache,
-                          loop_logits=loop_logits)
+                          stats=stats, cache=state.cache, loop_logits=loop_logits)
 
 
 def generate(
@@ -328,9 +326,9 @@ def generate(
         never computed.
       exit_policy: "gate" (Q-exit), "sample" (each token's exit loop drawn from the gate's exit
         distribution, with a key stream of its own from `seed`; `GenerateOutput.exit_logprobs` holds
-        each draw's log-probability; no exit_threshold), "hidden_delta" (the paper's rule, §5.4.1: exit once
-        ||h_t - h_{t-1}||_2 < hidden_delta_eps, from loop 2 on; h_t is the normed state, so eps is in
-        units of ||h||, about sqrt(D) for unit RMS) or "hidden_delta_relative" (exit once
+        each draw's log-probability; no exit_threshold), "hidden_delta" (the paper's rule, §5.4.1:
+        exit once ||h_t - h_{t-1}||_2 < hidden_delta_eps, from loop 2 on; h_t is the normed state, so
+        eps is in units of ||h||, about sqrt(D) for unit RMS) or "hidden_delta_relative" (exit once
         ||h_t - h_{t-1}||_2 < hidden_delta_eps * ||h_{t-1}||_2); see `policies.py`.
       kv_sharing: "none" | "last" | "average" decode-time KV sharing (`cache.py`).
       skipped_kv: what later tokens read at the loops an early-exiting token skipped (kv_sharing

@@ -433,6 +433,11 @@ def compiled(fn, graphdef, spec, *args) -> tuple[jax.stages.Compiled, bool]:
     return program, _compiled.cache_info().misses > misses
 
 
+def clear_compiled() -> None:
+    """Drop the compiled programs `compiled` keeps (with `jax.clear_caches()`, to release their memory)."""
+    _compiled.cache_clear()
+
+
 def run(fn, graphdef, spec, *args):
     """Compile (cached) and run `fn`; returns (out, run_s, compile_s)."""
     start = time.perf_counter()

@@ -14,7 +14,7 @@ command resumes from the latest checkpoint (params, optimiser state, step) and c
 
 Held-out evaluation (before the first step and every `eval_every_steps`): greedy rollouts under the same
 exit policy on `eval_prompts` examples of the held-out stream: exact-match accuracy and mean loops per
-token; `WORKDIR/summary.json` holds the base and final values.
+token (also per hop count on mixed p-hop); `WORKDIR/summary.json` holds the base and final values.
 """
 
 from __future__ import annotations
@@ -80,15 +80,46 @@ def validate(c: ml_collections.ConfigDict) -> None:
     _check(rl.depth_cost == 0 or rl.exit_policy == "sample", "rl.depth_cost",
            "needs rl.exit_policy 'sample' (under Q-exit or full depth the depth is replayed, not trained)")
     _check(c.eval_prompts >= 1, "eval_prompts", "must be >= 1")
+    _check(c.base_steps >= 0, "base_steps", "must be >= 0")
+    _check(not c.base_steps or c.init_from or c.data.source == "phop", "base_steps",
+           "trains the p-hop demo base (recipes.demo): needs data.source 'phop' (or give init_from)")
     rewards.get(rl.reward)
 
 
-def _model(c) -> Ouro:
-    if c.init_from:
+def _model(c, init_from: str | None) -> Ouro:
+    """The policy's starting point: `init_from` (an HF directory or a run), else a fresh `config.model`."""
+    if init_from:
         from ouro_jax.convert.pretrained import from_pretrained
 
-        return from_pretrained(c.init_from)
+        return from_pretrained(init_from)
     return Ouro(OuroConfig(**c.model.to_dict()), rngs=nnx.Rngs(c.seed))
+
+
+def base_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The Stage I run that `config.base_steps` trains when no init_from is given: `recipes.demo` (a
+    1-layer block looped 4 times, Stage I) for base_steps steps on the RL run's p-hop task and seed."""
+    from ouro_jax.train import recipes
+
+    base = recipes.demo(steps=c.base_steps)
+    base.seed = c.seed
+    base.data.seq_len = c.data.seq_len
+    base.data.phop.update(c.data.phop.to_dict())
+    base.model.vocab_size = _task(c, TRAIN_STREAM).vocab_size
+    return base
+
+
+def _init_from(c: ml_collections.ConfigDict, workdir: str, resuming: bool) -> str | None:
+    """config.init_from, or with base_steps > 0 the base run WORKDIR/base, trained first (resumed if a
+    kill interrupted it; not retrained once the RL run has a checkpoint); None: a fresh model."""
+    if c.init_from or not c.base_steps:
+        return c.init_from or None
+    path = os.path.join(workdir, "base")
+    if not resuming:
+        from ouro_jax.train import loop
+
+        print(f"training the Stage I base: {c.base_steps} steps in {path}", file=sys.stderr)
+        loop.train(base_config(c), path)
+    return path
 
 
 def _task(c, stream: int):
@@ -121,11 +152,18 @@ def _answer_length(c) -> int:
 
 def evaluate(model, c) -> dict[str, float]:
     """Greedy held-out exact match and mean loops per token under the run's exit policy (sampled exits
-    drawn with seed 0)."""
+    drawn with seed 0); on mixed p-hop also per hop count h ("accuracy_hop_h", "mean_loops_hop_h")."""
     rows, answers = prompts(_task(c, HELD_OUT_STREAM), 0, c.eval_prompts)
     _, _, out = _generate(model, c, rows, 0, 0.0)
-    correct = [rewards.exact_match(t.tolist(), a) for t, a in zip(out.tokens, answers, strict=True)]
-    return {"accuracy": float(np.mean(correct)), "mean_loops": float(out.stats.mean_depth)}
+    correct = np.array([rewards.exact_match(t.tolist(), a) for t, a in zip(out.tokens, answers, strict=True)])
+    result = {"accuracy": float(correct.mean()), "mean_loops": float(out.stats.mean_depth)}
+    if c.data.source == "phop" and c.data.phop.p_min:  # a prompt starts with its hop-count token
+        hops = np.array([r[0] for r in rows]) - c.data.phop.alphabet + 1
+        for h in np.unique(hops):
+            loops = out.exit_loops[hops == h]
+            result[f"accuracy_hop_{h}"] = float(correct[hops == h].mean())
+            result[f"mean_loops_hop_{h}"] = float(loops[loops > 0].mean())
+    return result
 
 
 def _update_fn(graphdef, c, prompt_width: int, tx):
@@ -240,7 +278,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     with run.lock(workdir):
         run.check_resume(workdir, c)
-        model = _model(c)
+        model = _model(c, _init_from(c, workdir, resuming=run.latest_step(workdir) is not None))
         graphdef, state = nnx.split(model)
         params = nnx.to_pure_dict(state)
         tx = make_optimizer(c.optimizer.to_dict(), c.total_steps, params, stage=1)
@@ -262,7 +300,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                 summary = json.load(f)
         else:
             base = evaluate(model, c)
-            summary = {"base_accuracy": base["accuracy"], "base_mean_loops": base["mean_loops"]}
+            summary = {f"base_{k}": v for k, v in base.items()}
             _write_json(summary_path, summary)
         run.record_config(workdir, c, step=resumed or 0)
         writer = metrics_lib.MetricsWriter(workdir, resumed_step=resumed)
@@ -293,7 +331,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
             manager.wait_until_finished()
             manager.close()
         final = evaluate(nnx.merge(graphdef, params), c)
-        summary.update(final_accuracy=final["accuracy"], final_mean_loops=final["mean_loops"])
+        summary.update({f"final_{k}": v for k, v in final.items()})
         _write_json(summary_path, summary)
         return record
 
