@@ -5,7 +5,7 @@ Variants:
          WORKDIR/base (`recipes.demo`, the 1-layer block looped 4 times, 1500 steps on p-hop with 1-3
          hops per example) unless `--config.init_from` names one, then 400 steps of RL with each token's
          exit drawn from the gate and a depth cost (reward - 0.02 x mean loops per token), learning rate
-         2e-5, CISPO, G = 8 x 8 prompts; held-out on 1024 prompts. About 9 min on 2 CPU cores.
+         2e-5, CISPO, G = 8 x 8 prompts; held-out on 1024 prompts. 6 min 26 s on 2 CPU cores.
   tiny   a fresh `tiny` Ouro on n-ary addition (3 two-digit terms, 3-digit answers), Q-exit q = 0.5 with
          skipped_kv "project", 2 x 4 rollouts: the smoke test's shape.
   e1     E1 (not run yet): addition from a Stage I addition run (`--config.init_from=RUN`), Q-exit, 300
