@@ -119,6 +119,11 @@ class PHop:
     def vocab_size(self) -> int:
         return self.alphabet + (self.p if self.mixed else 0)
 
+    def hops_of(self, rows) -> np.ndarray:
+        """The hop count of each mixed-difficulty example, read from its first token (the hop-count token
+        alphabet + h - 1 that `batch` writes): rows, token lists or [R, ...] -> [R] int."""
+        return np.asarray([r[0] for r in rows]) - self.alphabet + 1
+
     def __len__(self) -> int:
         return TASK_LENGTH
 

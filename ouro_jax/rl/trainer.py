@@ -34,7 +34,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ouro_jax import run
-from ouro_jax.data.tasks import TASKS
+from ouro_jax.data.tasks import TASKS, PHop
 from ouro_jax.inference import generate, left_pad
 from ouro_jax.model import exits
 from ouro_jax.model.config import OuroConfig
@@ -153,12 +153,13 @@ def _answer_length(c) -> int:
 def evaluate(model, c) -> dict[str, float]:
     """Greedy held-out exact match and mean loops per token under the run's exit policy (sampled exits
     drawn with seed 0); on mixed p-hop also per hop count h ("accuracy_hop_h", "mean_loops_hop_h")."""
-    rows, answers = prompts(_task(c, HELD_OUT_STREAM), 0, c.eval_prompts)
+    task = _task(c, HELD_OUT_STREAM)
+    rows, answers = prompts(task, 0, c.eval_prompts)
     _, _, out = _generate(model, c, rows, 0, 0.0)
     correct = np.array([rewards.exact_match(t.tolist(), a) for t, a in zip(out.tokens, answers, strict=True)])
     result = {"accuracy": float(correct.mean()), "mean_loops": float(out.stats.mean_depth)}
-    if c.data.source == "phop" and c.data.phop.p_min:  # a prompt starts with its hop-count token
-        hops = np.array([r[0] for r in rows]) - c.data.phop.alphabet + 1
+    if isinstance(task, PHop) and task.mixed:
+        hops = task.hops_of(rows)
         for h in np.unique(hops):
             loops = out.exit_loops[hops == h]
             result[f"accuracy_hop_{h}"] = float(correct[hops == h].mean())
